@@ -1,0 +1,62 @@
+//! The admin listener: `/healthz` (the process serves) and `/readyz` (every route has a usable
+//! token). Kept apart from the proxy listener so probes never compete with application traffic.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::cache::TokenCache;
+use crate::proxy::{Proxy, ProxyBody};
+use crate::respond::json_response;
+
+pub struct Admin {
+    proxy: Arc<Proxy>,
+    cache: Arc<TokenCache>,
+}
+
+impl Admin {
+    pub fn new(proxy: Arc<Proxy>, cache: Arc<TokenCache>) -> Admin {
+        Admin { proxy, cache }
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": "method_not_allowed"}),
+            )
+            .map(Either::Right);
+        }
+        let resp = match req.uri().path() {
+            "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
+            "/readyz" => self.readyz(),
+            _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not_found"})),
+        };
+        resp.map(Either::Right)
+    }
+
+    /// 200 while every route's token is usable; otherwise 503 naming each route that waits.
+    fn readyz(&self) -> Response<http_body_util::Full<bytes::Bytes>> {
+        let now = Instant::now();
+        let mut waiting = Vec::new();
+        for route in &self.proxy.table.routes {
+            let Some(slot) = &route.slot else { continue };
+            if let Err(reason) = slot.readiness(now) {
+                waiting.push(json!({"route": &*route.name, "reason": reason}));
+            }
+        }
+        let _ = &self.cache;
+        if waiting.is_empty() {
+            json_response(StatusCode::OK, &json!({"status": "ready"}))
+        } else {
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "not_ready", "waiting": waiting}),
+            )
+        }
+    }
+}

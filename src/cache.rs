@@ -1,0 +1,459 @@
+//! The token cache: one slot per (scope set, audience set), each kept fresh by its own refresher.
+//!
+//! The keys are known from the routes at start-up, so every route holds an `Arc<Slot>` directly
+//! and the hot path is one atomic load plus a time comparison: no map lookup, no lock.
+//!
+//! Each slot has exactly one refresher task, and only that task talks to the token endpoint.
+//! That gives single flight by construction (any number of waiting requests, one token request),
+//! refresh ahead (the refresher wakes at `refresh_due` while requests keep using the current
+//! token), and a bounded retry rate during an outage (it sleeps through the backoff). Requests
+//! only wait when no usable token exists; they wait for the refresher's next result, bounded by
+//! the token request timeout, and fail fast with the last error while the refresher backs off.
+//! The refresher runs in its own task, so an application that disconnects cannot cancel a fetch.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::backoff;
+use crate::config::TokenConfig;
+use crate::token::{AccessToken, TokenKey};
+use crate::token_client::{FetchError, TokenClient};
+
+/// When to refresh a token and how long to send it.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub refresh_at: f64,
+    pub refresh_before_expiry: Duration,
+    pub expiry_skew: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// How long a request waits for a token when none is usable.
+    pub wait_timeout: Duration,
+}
+
+impl Policy {
+    pub fn from_config(cfg: &TokenConfig) -> Policy {
+        Policy {
+            refresh_at: cfg.refresh_at,
+            refresh_before_expiry: cfg.refresh_before_expiry,
+            expiry_skew: cfg.expiry_skew,
+            backoff_initial: cfg.retry_backoff_initial,
+            backoff_max: cfg.retry_backoff_max,
+            // The fetch itself is bounded by request_timeout; the margin covers scheduling.
+            wait_timeout: cfg.request_timeout + Duration::from_secs(1),
+        }
+    }
+}
+
+/// Offsets from the moment the token request was sent (conservative: the server started the
+/// lifetime no earlier than that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// From here on the refresher fetches a replacement.
+    pub refresh_due: Duration,
+    /// The token is not sent after this (expiry minus skew).
+    pub usable_for: Duration,
+}
+
+/// Pure: when to refresh a token of `lifetime` and until when to use it.
+///
+/// Refresh at `refresh_at` of the lifetime or `refresh_before_expiry` before expiry, whichever
+/// comes first, but never before a quarter of the lifetime (a short-lived token would otherwise
+/// be refetched in a loop) and never after it stops being usable. The skew is clamped to half the
+/// lifetime so that a token shorter than twice the skew is still used for a while.
+pub fn schedule(lifetime: Duration, policy: &Policy) -> Schedule {
+    let skew = policy.expiry_skew.min(lifetime / 2);
+    let usable_for = lifetime - skew;
+    let by_fraction = lifetime.mul_f64(policy.refresh_at.clamp(0.0, 1.0));
+    let by_margin = lifetime.saturating_sub(policy.refresh_before_expiry);
+    let refresh_due = by_fraction.min(by_margin).max(lifetime / 4).min(usable_for);
+    Schedule {
+        refresh_due,
+        usable_for,
+    }
+}
+
+/// A token in the cache with its deadlines.
+#[derive(Debug)]
+pub struct CachedToken {
+    pub token: AccessToken,
+    pub fetched_at: Instant,
+    pub refresh_due: Instant,
+    pub usable_until: Instant,
+}
+
+impl CachedToken {
+    fn new(token: AccessToken, fetched_at: Instant, policy: &Policy) -> CachedToken {
+        let s = schedule(token.lifetime, policy);
+        CachedToken {
+            token,
+            fetched_at,
+            refresh_due: fetched_at + s.refresh_due,
+            usable_until: fetched_at + s.usable_for,
+        }
+    }
+
+    pub fn is_usable(&self, now: Instant) -> bool {
+        now < self.usable_until
+    }
+}
+
+/// Why a request got no token.
+#[derive(Debug, Clone)]
+pub enum TokenError {
+    /// The last fetch failed and no usable token is cached.
+    Fetch {
+        error: Arc<FetchError>,
+        /// When the refresher tries again.
+        retry_in: Duration,
+    },
+    /// No fetch finished within the wait bound.
+    Timeout(Duration),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    fetching: bool,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<Arc<FetchError>>,
+}
+
+/// Counters for one slot (exported as metrics by the admin listener).
+#[derive(Debug, Default)]
+pub struct SlotStats {
+    /// Requests served from a usable cached token.
+    pub hits: AtomicU64,
+    /// Requests that had to wait for the token endpoint.
+    pub misses: AtomicU64,
+    /// Token requests that succeeded.
+    pub fetch_ok: AtomicU64,
+    /// Token requests that failed.
+    pub fetch_failed: AtomicU64,
+}
+
+/// One (scope set, audience set) and its token.
+pub struct Slot {
+    key: TokenKey,
+    current: ArcSwapOption<CachedToken>,
+    state: Mutex<State>,
+    /// Bumped after every fetch; waiting requests watch it.
+    updates: watch::Sender<u64>,
+    /// Wakes the refresher early (after an eviction).
+    wake: Notify,
+    policy: Policy,
+    pub stats: SlotStats,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Slot {
+    fn new(key: TokenKey, policy: Policy) -> Slot {
+        Slot {
+            key,
+            current: ArcSwapOption::empty(),
+            state: Mutex::new(State::default()),
+            updates: watch::channel(0).0,
+            wake: Notify::new(),
+            policy,
+            stats: SlotStats::default(),
+        }
+    }
+
+    pub fn key(&self) -> &TokenKey {
+        &self.key
+    }
+
+    /// A usable token, waiting for the refresher only when none is cached.
+    pub async fn token(&self) -> Result<Arc<CachedToken>, TokenError> {
+        if let Some(t) = self.current.load_full()
+            && t.is_usable(Instant::now())
+        {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(t);
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        self.wait_for_token().await
+    }
+
+    async fn wait_for_token(&self) -> Result<Arc<CachedToken>, TokenError> {
+        let deadline = Instant::now() + self.policy.wait_timeout;
+        loop {
+            // Subscribe before looking, so an update between the look and the wait is not missed.
+            let mut updates = self.updates.subscribe();
+            let now = Instant::now();
+            if let Some(t) = self.current.load_full()
+                && t.is_usable(now)
+            {
+                return Ok(t);
+            }
+            {
+                let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if !st.fetching
+                    && let (Some(error), Some(retry_at)) = (&st.last_error, st.retry_at)
+                    && now < retry_at
+                {
+                    return Err(TokenError::Fetch {
+                        error: error.clone(),
+                        retry_in: retry_at - now,
+                    });
+                }
+            }
+            if tokio::time::timeout_at(deadline, updates.changed())
+                .await
+                .is_err()
+            {
+                return Err(TokenError::Timeout(self.policy.wait_timeout));
+            }
+        }
+    }
+
+    /// Drops `token` if it is still the cached one (the upstream said it is invalid) and has the
+    /// refresher fetch a new one.
+    pub fn evict(&self, token: &Arc<CachedToken>) {
+        let prev = self
+            .current
+            .compare_and_swap(&Some(token.clone()), None::<Arc<CachedToken>>);
+        if prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, token)) {
+            tracing::info!(key = %self.key, "token evicted after the upstream rejected it");
+            self.wake.notify_one();
+        }
+    }
+
+    /// Whether a usable token is cached, and if not, why.
+    pub fn readiness(&self, now: Instant) -> Result<Duration, String> {
+        if let Some(t) = self.current.load_full()
+            && t.is_usable(now)
+        {
+            return Ok(t.usable_until - now);
+        }
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        Err(match &st.last_error {
+            Some(e) => format!("no valid token: {e}"),
+            None => "no token obtained yet".to_string(),
+        })
+    }
+
+    /// Whether the refresher's last attempt failed.
+    pub fn is_failing(&self) -> bool {
+        self.state.lock().map(|s| s.failures > 0).unwrap_or(true)
+    }
+
+    /// When the refresher should next fetch: pure in its inputs.
+    fn next_fetch_at(&self, now: Instant) -> Instant {
+        let due = self.current.load().as_ref().map_or(now, |t| t.refresh_due);
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match st.retry_at {
+            Some(r) => due.max(r),
+            None => due,
+        }
+    }
+
+    async fn refresh_loop(self: Arc<Self>, client: Arc<TokenClient>) {
+        loop {
+            let now = Instant::now();
+            let next = self.next_fetch_at(now);
+            if next > now {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => {}
+                    _ = self.wake.notified() => {}
+                }
+                continue;
+            }
+            self.state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .fetching = true;
+            let started = Instant::now();
+            let result = client.fetch(&self.key).await;
+            {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.fetching = false;
+                match result {
+                    Ok(token) => {
+                        let cached = CachedToken::new(token, started, &self.policy);
+                        tracing::info!(
+                            key = %self.key,
+                            lifetime = ?cached.token.lifetime,
+                            refresh_in = ?(cached.refresh_due - started),
+                            "token obtained"
+                        );
+                        self.current.store(Some(Arc::new(cached)));
+                        st.failures = 0;
+                        st.retry_at = None;
+                        st.last_error = None;
+                        self.stats.fetch_ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(error) => {
+                        st.failures = st.failures.saturating_add(1);
+                        let pause = backoff::delay(
+                            self.policy.backoff_initial,
+                            self.policy.backoff_max,
+                            st.failures,
+                            backoff::random_fraction(),
+                        );
+                        let still_usable = self
+                            .current
+                            .load()
+                            .as_ref()
+                            .is_some_and(|t| t.is_usable(Instant::now()));
+                        tracing::warn!(
+                            key = %self.key,
+                            error = %error,
+                            failures = st.failures,
+                            retry_in = ?pause,
+                            serving_cached_token = still_usable,
+                            "token request failed"
+                        );
+                        st.retry_at = Some(Instant::now() + pause);
+                        st.last_error = Some(Arc::new(error));
+                        self.stats.fetch_failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            self.updates.send_modify(|g| *g = g.wrapping_add(1));
+        }
+    }
+}
+
+/// All slots, and the refresher tasks that keep them filled. Dropping it stops the refreshers.
+pub struct TokenCache {
+    slots: Vec<Arc<Slot>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("slots", &self.slots)
+            .finish()
+    }
+}
+
+impl TokenCache {
+    /// One slot per distinct key; starts a refresher for each, which prefetches right away.
+    /// Must be called inside a Tokio runtime.
+    pub fn start(
+        keys: impl IntoIterator<Item = TokenKey>,
+        client: Arc<TokenClient>,
+        policy: Policy,
+    ) -> TokenCache {
+        let mut slots: Vec<Arc<Slot>> = Vec::new();
+        for key in keys {
+            if !slots.iter().any(|s| s.key == key) {
+                slots.push(Arc::new(Slot::new(key, policy)));
+            }
+        }
+        let tasks = slots
+            .iter()
+            .map(|s| tokio::spawn(s.clone().refresh_loop(client.clone())))
+            .collect();
+        TokenCache { slots, tasks }
+    }
+
+    /// The slot for `key`; every key passed to `start` has one.
+    pub fn slot(&self, key: &TokenKey) -> Option<Arc<Slot>> {
+        self.slots.iter().find(|s| &s.key == key).cloned()
+    }
+
+    pub fn slots(&self) -> &[Arc<Slot>] {
+        &self.slots
+    }
+
+    /// Token requests made so far, successful or not.
+    pub fn fetches(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| {
+                s.stats.fetch_ok.load(Ordering::Relaxed)
+                    + s.stats.fetch_failed.load(Ordering::Relaxed)
+            })
+            .sum()
+    }
+}
+
+impl Drop for TokenCache {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            refresh_at: 0.8,
+            refresh_before_expiry: Duration::from_secs(60),
+            expiry_skew: Duration::from_secs(10),
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(1),
+            wait_timeout: Duration::from_secs(11),
+        }
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn one_hour_token_refreshes_at_80_percent() {
+        let s = schedule(S(3600), &policy());
+        assert_eq!(s.refresh_due, S(2880));
+        assert_eq!(s.usable_for, S(3590));
+    }
+
+    #[test]
+    fn margin_wins_when_it_comes_first() {
+        // 10 min token: 80% = 480 s, 60 s before expiry = 540 s → 480 s.
+        assert_eq!(schedule(S(600), &policy()).refresh_due, S(480));
+        // 4 min token with a 2 min margin: 120 s beats 192 s.
+        let p = Policy {
+            refresh_before_expiry: S(120),
+            ..policy()
+        };
+        assert_eq!(schedule(S(240), &p).refresh_due, S(120));
+    }
+
+    #[test]
+    fn short_tokens_are_not_refetched_in_a_loop() {
+        // 60 s token with the 60 s margin: would be due at once; a quarter of the life instead.
+        let s = schedule(S(60), &policy());
+        assert_eq!(s.refresh_due, S(15));
+        assert_eq!(s.usable_for, S(50));
+        // 5 s token with the 10 s default skew: the skew is clamped to half the lifetime.
+        let s = schedule(S(5), &policy());
+        assert_eq!(s.usable_for, Duration::from_millis(2500));
+        assert_eq!(s.refresh_due, Duration::from_millis(1250));
+        assert!(s.refresh_due <= s.usable_for);
+    }
+
+    #[test]
+    fn refresh_is_never_due_after_the_token_stops_being_usable() {
+        for secs in [1, 2, 3, 7, 11, 20, 59, 61, 119, 3600, 86400] {
+            for refresh_at in [0.1, 0.5, 0.8, 0.99] {
+                let p = Policy {
+                    refresh_at,
+                    ..policy()
+                };
+                let s = schedule(S(secs), &p);
+                assert!(s.refresh_due <= s.usable_for, "{secs} {refresh_at}");
+                assert!(s.refresh_due >= S(secs) / 4);
+                assert!(s.usable_for < S(secs));
+            }
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The command line (SPEC §7). Exit status: 0 on success, 2 for invalid configuration or usage,
+//! 1 for anything else that stops the process.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "token-sidecar",
+    version,
+    about = "Injects OAuth2 client_credentials tokens into proxied requests"
+)]
+struct Cli {
+    /// Config file (default: $SIDECAR_CONFIG, else ./sidecar.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the sidecar (the default).
+    Run,
+    /// Validate the configuration and print it with secrets redacted; exit 0 or 2.
+    CheckConfig,
+    /// Fetch one token with the configured client and print the response (for debugging a registration).
+    Token {
+        /// A scope to request; repeat for several.
+        #[arg(long = "scope", value_name = "S")]
+        scopes: Vec<String>,
+        /// An audience to request; repeat for several.
+        #[arg(long = "audience", value_name = "A")]
+        audiences: Vec<String>,
+    },
+    /// Print the public JWK Set of the configured signing key, ready to register with the authorization server.
+    Jwks,
+    /// Write a new private key (PEM, mode 0600) and print its public JWK Set.
+    Keygen {
+        /// ES256, ES384, RS256, RS384, RS512, PS256, PS384, PS512 or EdDSA.
+        #[arg(long, default_value = "ES256")]
+        alg: String,
+        /// Where to write the private key.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run with an embedded development authorization server (loopback only; never in production).
+    ///
+    /// Without --config (or SIDECAR_CONFIG) it serves /echo/ to a built-in echo upstream; with
+    /// one it keeps your routes and key and replaces only the token endpoint.
+    Dev {
+        /// Main listener (default: 127.0.0.1:8080, or the config's proxy.listen).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// Admin listener (default: 127.0.0.1:9090, or the config's admin.listen).
+        #[arg(long, value_name = "ADDR")]
+        admin_listen: Option<std::net::SocketAddr>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = config::resolve_path(cli.config.as_deref());
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(&path),
+        Command::CheckConfig => check_config(&path),
+        Command::Token { scopes, audiences } => token(&path, &scopes, &audiences),
+        Command::Jwks => jwks(&path),
+        Command::Keygen { alg, out, force } => keygen(&alg, &out, force),
+        Command::Dev {
+            listen,
+            admin_listen,
+        } => {
+            // Only an explicitly named config is used: ./sidecar.toml is the production example.
+            let explicit = cli.config.clone().or_else(|| {
+                std::env::var_os("SIDECAR_CONFIG")
+                    .filter(|p| !p.is_empty())
+                    .map(PathBuf::from)
+            });
+            dev(explicit.as_deref(), listen, admin_listen)
+        }
+    }
+}
+
+/// Loads the config or prints one line per problem and returns exit status 2.
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the Tokio runtime")
+}
+
+fn run(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    crate::telemetry::init(config.log.format);
+    runtime().block_on(async move {
+        let sidecar = match crate::server::Sidecar::bind(config).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("token-sidecar: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        sidecar.run(shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    // Loading the key proves the file parses and fits signing_alg, which validation alone cannot.
+    if let Err(e) = crate::token_client::TokenClient::new(&config.token) {
+        eprintln!("invalid config: {e}");
+        return ExitCode::from(2);
+    }
+    for r in &config.route {
+        if let Err(e) = crate::upstream::Upstream::new(r) {
+            eprintln!("invalid config: route {}: {e}", r.name);
+            return ExitCode::from(2);
+        }
+    }
+    println!("# {}: valid", path.display());
+    print!("{}", config.to_redacted_toml());
+    ExitCode::SUCCESS
+}
+
+fn token(path: &Path, scopes: &[String], audiences: &[String]) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    crate::telemetry::init(config.log.format);
+    runtime().block_on(async move {
+        let client = match crate::token_client::TokenClient::new(&config.token) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("invalid config: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let key = crate::token::TokenKey::new(scopes, audiences);
+        match client.fetch(&key).await {
+            Ok(t) => {
+                let out = serde_json::json!({
+                    "token_type": "Bearer",
+                    "expires_in": t.lifetime.as_secs(),
+                    "scope": t.scope,
+                    "access_token": t.secret().expose(),
+                    "claims": crate::token::jwt_claims(t.secret().expose()),
+                });
+                println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("token request failed: {e}");
+                if let Some(code) = e.oauth_code() {
+                    eprintln!("error: {code}");
+                }
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn jwks(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match crate::token_client::TokenClient::new(&config.token) {
+        Ok(client) => match client.key_source() {
+            Some(source) => {
+                let set = serde_json::json!({ "keys": [source.current().public_jwk()] });
+                println!("{}", serde_json::to_string_pretty(&set).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!(
+                    "invalid config: token.auth_method: jwks needs auth_method = \"private_key_jwt\""
+                );
+                ExitCode::from(2)
+            }
+        },
+        Err(e) => {
+            eprintln!("invalid config: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn keygen(alg: &str, out: &Path, force: bool) -> ExitCode {
+    let Some(alg) = crate::key::parse_alg(alg) else {
+        eprintln!(
+            "keygen: unsupported --alg {alg:?}; one of ES256 ES384 RS256 RS384 RS512 PS256 PS384 PS512 EdDSA"
+        );
+        return ExitCode::from(2);
+    };
+    let (pem, key) = match crate::key::SigningKey::generate(alg) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("keygen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = crate::key::write_private(out, pem.expose().as_bytes(), force) {
+        eprintln!("keygen: {e}");
+        return ExitCode::FAILURE;
+    }
+    eprintln!(
+        "wrote {} ({:?}, kid {})",
+        out.display(),
+        key.alg(),
+        key.kid()
+    );
+    let set = serde_json::json!({ "keys": [key.public_jwk()] });
+    println!("{}", serde_json::to_string_pretty(&set).unwrap_or_default());
+    ExitCode::SUCCESS
+}
+
+fn dev(
+    config_path: Option<&Path>,
+    listen: Option<std::net::SocketAddr>,
+    admin_listen: Option<std::net::SocketAddr>,
+) -> ExitCode {
+    let config = match config_path {
+        Some(p) => match load(p) {
+            Ok(c) => Some(c),
+            Err(code) => return code,
+        },
+        None => None,
+    };
+    let format = config.as_ref().map(|c| c.log.format).unwrap_or_default();
+    crate::telemetry::init(format);
+    eprintln!("{}", crate::dev::BANNER);
+    runtime().block_on(async move {
+        let dev = match crate::dev::Dev::start(crate::dev::DevOptions {
+            config,
+            listen,
+            admin_listen,
+        })
+        .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("token-sidecar dev: {e}");
+                return match e {
+                    crate::dev::DevError::NotLoopback { .. } => ExitCode::from(2),
+                    _ => ExitCode::FAILURE,
+                };
+            }
+        };
+        println!("{}", dev.summary());
+        let (sidecar, rest) = dev.into_parts();
+        sidecar.run(shutdown_signal()).await;
+        drop(rest);
+        ExitCode::SUCCESS
+    })
+}

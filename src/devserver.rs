@@ -1,0 +1,531 @@
+//! The embedded development authorization server used by `token-sidecar dev`.
+//!
+//! It is small but strict: it implements exactly what the sidecar needs, the way a production
+//! server checks it. `POST /oauth2/token` takes the `client_credentials` grant with
+//! `private_key_jwt` only and verifies the assertion as RFC 7523 §3 says (signature against the
+//! registered key, `iss` = `sub` = client_id, `aud` = the token endpoint URL, `exp` in the future,
+//! `iat` not in the future, a bounded lifetime, and a `jti` never seen before). Requested scopes
+//! and audiences (`audience`, space-separated, or repeated `resource`) must be on the client's
+//! allow-list. Tokens are RFC 9068 JWT access tokens signed with a key generated at start-up and
+//! published at `/.well-known/jwks.json`.
+//!
+//! For development only: it keeps everything in memory and binds loopback addresses only.
+
+use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{DecodingKey, Validation};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::key::{Algorithm, SigningKey};
+use crate::token_client::ASSERTION_TYPE;
+
+/// Longest assertion lifetime accepted (`exp - iat`); Hydra and most servers bound it too.
+const MAX_ASSERTION_LIFETIME: u64 = 3600;
+
+/// A client the server knows.
+#[derive(Debug, Clone)]
+pub struct DevClient {
+    pub client_id: String,
+    /// Its public JWK Set (what `token-sidecar jwks` prints).
+    pub jwks: serde_json::Value,
+    /// Scopes it may request.
+    pub scopes: BTreeSet<String>,
+    /// Audiences it may request.
+    pub audiences: BTreeSet<String>,
+}
+
+/// The server's configuration.
+#[derive(Debug, Clone)]
+pub struct DevServerConfig {
+    pub listen: SocketAddr,
+    pub clients: Vec<DevClient>,
+    /// Lifetime of issued access tokens.
+    pub token_ttl: Duration,
+}
+
+struct State {
+    issuer: String,
+    token_url: String,
+    key: SigningKey,
+    clients: HashMap<String, DevClient>,
+    token_ttl: Duration,
+    /// jti → exp: an assertion id is refused until its assertion has expired.
+    seen_jti: Mutex<HashMap<String, u64>>,
+    token_requests: AtomicU64,
+}
+
+/// A running development authorization server; stops when dropped.
+pub struct DevServer {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for DevServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevServerError {
+    #[error("the development authorization server only binds loopback addresses, not {0}")]
+    NotLoopback(SocketAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the signing key: {0}")]
+    Key(String),
+}
+
+impl DevServer {
+    pub async fn start(cfg: DevServerConfig) -> Result<DevServer, DevServerError> {
+        if !cfg.listen.ip().is_loopback() {
+            return Err(DevServerError::NotLoopback(cfg.listen));
+        }
+        let listener =
+            TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|source| DevServerError::Bind {
+                    addr: cfg.listen,
+                    source,
+                })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| DevServerError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let (_, key) = SigningKey::generate(Algorithm::ES256)
+            .map_err(|e| DevServerError::Key(e.to_string()))?;
+        let issuer = format!("http://{addr}");
+        let state = Arc::new(State {
+            token_url: format!("{issuer}/oauth2/token"),
+            issuer,
+            key,
+            clients: cfg
+                .clients
+                .into_iter()
+                .map(|c| (c.client_id.clone(), c))
+                .collect(),
+            token_ttl: cfg.token_ttl,
+            seen_jti: Mutex::new(HashMap::new()),
+            token_requests: AtomicU64::new(0),
+        });
+        let s = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let s = s.clone();
+                        async move { Ok::<_, Infallible>(handle(&s, req).await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(DevServer { addr, state, task })
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.state.issuer
+    }
+
+    pub fn token_url(&self) -> &str {
+        &self.state.token_url
+    }
+
+    pub fn jwks_url(&self) -> String {
+        format!("{}/.well-known/jwks.json", self.state.issuer)
+    }
+
+    /// The public JWK Set access tokens verify against.
+    pub fn jwks(&self) -> serde_json::Value {
+        json!({ "keys": [self.state.key.public_jwk()] })
+    }
+
+    /// Token requests received so far (valid or not).
+    pub fn token_requests(&self) -> u64 {
+        self.state.token_requests.load(Ordering::SeqCst)
+    }
+}
+
+fn respond(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    h.insert("cache-control", http::HeaderValue::from_static("no-store"));
+    r
+}
+
+/// An RFC 6749 §5.2 error response.
+fn oauth_error(
+    status: StatusCode,
+    code: &str,
+    description: impl Into<String>,
+) -> Response<Full<Bytes>> {
+    respond(
+        status,
+        json!({"error": code, "error_description": description.into()}),
+    )
+}
+
+async fn handle(s: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/.well-known/openid-configuration")
+        | (&Method::GET, "/.well-known/oauth-authorization-server") => respond(
+            StatusCode::OK,
+            json!({
+                "issuer": s.issuer,
+                "token_endpoint": s.token_url,
+                "jwks_uri": format!("{}/.well-known/jwks.json", s.issuer),
+                "grant_types_supported": ["client_credentials"],
+                "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+                "token_endpoint_auth_signing_alg_values_supported":
+                    ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"],
+                "response_types_supported": [],
+            }),
+        ),
+        (&Method::GET, "/.well-known/jwks.json") => {
+            respond(StatusCode::OK, json!({ "keys": [s.key.public_jwk()] }))
+        }
+        (&Method::POST, "/oauth2/token") => {
+            s.token_requests.fetch_add(1, Ordering::SeqCst);
+            let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return oauth_error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "request body too large or unreadable",
+                    );
+                }
+            };
+            token(s, &body, unix_now())
+        }
+        (_, "/oauth2/token") => oauth_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "use POST",
+        ),
+        _ => respond(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
+    }
+}
+
+#[derive(Deserialize)]
+struct AssertionClaims {
+    iss: Option<String>,
+    sub: Option<String>,
+    jti: Option<String>,
+    iat: Option<u64>,
+    exp: u64,
+}
+
+/// The token endpoint: checks the request in RFC order, then issues a token. Pure in `now`.
+fn token(s: &State, body: &[u8], now: u64) -> Response<Full<Bytes>> {
+    match issue(s, body, now) {
+        Ok(r) => r,
+        Err(r) => oauth_error(r.status, r.code, r.description),
+    }
+}
+
+/// An RFC 6749 §5.2 refusal before it becomes a response.
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    description: String,
+}
+
+fn refuse(status: StatusCode, code: &'static str, description: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        code,
+        description: description.into(),
+    }
+}
+
+fn issue(s: &State, body: &[u8], now: u64) -> Result<Response<Full<Bytes>>, Refusal> {
+    let mut params: HashMap<String, Vec<String>> = HashMap::new();
+    for (k, v) in url::form_urlencoded::parse(body) {
+        params
+            .entry(k.into_owned())
+            .or_default()
+            .push(v.into_owned());
+    }
+    let one = |k: &str| -> Result<Option<&str>, Refusal> {
+        match params.get(k).map(Vec::as_slice) {
+            None => Ok(None),
+            Some([v]) => Ok(Some(v.as_str())),
+            Some(_) => Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("parameter {k} is repeated"),
+            )),
+        }
+    };
+
+    match one("grant_type")? {
+        Some("client_credentials") => {}
+        Some(_) => {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "only client_credentials is supported",
+            ));
+        }
+        None => {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "grant_type is missing",
+            ));
+        }
+    }
+
+    // Client authentication (RFC 7523 §2.2 / §3).
+    if one("client_assertion_type")? != Some(ASSERTION_TYPE) {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        ));
+    }
+    let Some(assertion) = one("client_assertion")? else {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client_assertion is missing",
+        ));
+    };
+    let unverified: AssertionClaims =
+        match jsonwebtoken::dangerous::insecure_decode::<AssertionClaims>(assertion) {
+            Ok(d) => d.claims,
+            Err(_) => {
+                return Err(refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_client",
+                    "client_assertion is not a valid JWT",
+                ));
+            }
+        };
+    let form_client_id = one("client_id")?.map(str::to_owned);
+    let Some(client_id) = unverified.sub.clone().or_else(|| form_client_id.clone()) else {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "the assertion has no sub",
+        ));
+    };
+    if let Some(form_id) = &form_client_id
+        && *form_id != client_id
+    {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client_id does not match the assertion's sub",
+        ));
+    }
+    let Some(client) = s.clients.get(&client_id) else {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "unknown client",
+        ));
+    };
+    let claims = match verify_assertion(s, client, assertion, now) {
+        Ok(c) => c,
+        Err(why) => return Err(refuse(StatusCode::UNAUTHORIZED, "invalid_client", why)),
+    };
+
+    // Replay protection: remember each jti until its assertion expires.
+    {
+        let mut seen = s.seen_jti.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|_, exp| *exp >= now);
+        let jti = claims.jti.clone().unwrap_or_default();
+        if seen.contains_key(&jti) {
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "the assertion's jti was already used",
+            ));
+        }
+        seen.insert(jti, claims.exp);
+    }
+
+    // What is asked for, against the client's allow-lists.
+    let scopes: BTreeSet<String> = one("scope")?
+        .unwrap_or("")
+        .split(' ')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if let Some(bad) = scopes.iter().find(|sc| !client.scopes.contains(*sc)) {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            format!("scope {bad:?} is not allowed for this client"),
+        ));
+    }
+    let mut audiences: BTreeSet<String> = BTreeSet::new();
+    if let Some(a) = one("audience")? {
+        audiences.extend(a.split(' ').filter(|s| !s.is_empty()).map(str::to_owned));
+    }
+    if let Some(rs) = params.get("resource") {
+        audiences.extend(rs.iter().cloned());
+    }
+    if let Some(bad) = audiences.iter().find(|a| !client.audiences.contains(*a)) {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_target",
+            format!("audience {bad:?} is not allowed for this client"),
+        ));
+    }
+
+    let ttl = s.token_ttl.as_secs().max(1);
+    let scope = scopes.iter().cloned().collect::<Vec<_>>().join(" ");
+    let aud: serde_json::Value = match audiences.len() {
+        0 => serde_json::Value::Null,
+        1 => json!(audiences.iter().next()),
+        _ => json!(audiences),
+    };
+    let mut at = json!({
+        "iss": s.issuer,
+        "sub": client.client_id,
+        "client_id": client.client_id,
+        "iat": now,
+        "exp": now + ttl,
+        "jti": crate::assertion::new_jti(),
+        "scope": scope,
+    });
+    if !aud.is_null() {
+        at["aud"] = aud;
+    }
+    let access_token = s.key.sign_typed("at+jwt", &at).map_err(|_| {
+        refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "cannot sign the access token",
+        )
+    })?;
+    Ok(respond(
+        StatusCode::OK,
+        json!({
+            "access_token": access_token.expose(),
+            "token_type": "Bearer",
+            "expires_in": ttl,
+            "scope": scope,
+        }),
+    ))
+}
+
+/// RFC 7523 §3 checks of a client assertion. Returns why it is refused.
+fn verify_assertion(
+    s: &State,
+    client: &DevClient,
+    assertion: &str,
+    now: u64,
+) -> Result<AssertionClaims, String> {
+    let header = jsonwebtoken::decode_header(assertion)
+        .map_err(|_| "the assertion header is invalid".to_string())?;
+    let keys = client.jwks["keys"].as_array().cloned().unwrap_or_default();
+    let jwk_value = keys
+        .iter()
+        .find(|k| match (&header.kid, k["kid"].as_str()) {
+            (Some(want), Some(have)) => want == have,
+            (None, _) => keys.len() == 1,
+            _ => false,
+        })
+        .ok_or("no registered key matches the assertion's kid")?;
+    let jwk: Jwk = serde_json::from_value(jwk_value.clone())
+        .map_err(|_| "the registered key is not a valid JWK")?;
+    if let Some(alg) = jwk_value["alg"].as_str()
+        && crate::key::parse_alg(alg) != Some(header.alg)
+    {
+        return Err(format!(
+            "the assertion is signed with {:?} but the registered key is for {alg}",
+            header.alg
+        ));
+    }
+    let key =
+        DecodingKey::from_jwk(&jwk).map_err(|_| "the registered key cannot verify signatures")?;
+    let mut v = Validation::new(header.alg);
+    v.leeway = 0;
+    v.set_audience(&[&s.token_url]);
+    v.set_issuer(&[&client.client_id]);
+    v.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+    let claims = jsonwebtoken::decode::<AssertionClaims>(assertion, &key, &v)
+        .map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                "the assertion's signature does not verify".to_string()
+            }
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                "the assertion has expired".to_string()
+            }
+            jsonwebtoken::errors::ErrorKind::InvalidAudience => {
+                format!("the assertion's aud must be {}", s.token_url)
+            }
+            jsonwebtoken::errors::ErrorKind::InvalidIssuer => {
+                "the assertion's iss must be the client_id".to_string()
+            }
+            other => format!("the assertion is invalid: {other:?}"),
+        })?
+        .claims;
+    if claims.sub.as_deref() != Some(client.client_id.as_str())
+        || claims.iss.as_deref() != Some(client.client_id.as_str())
+    {
+        return Err("the assertion's iss and sub must be the client_id".into());
+    }
+    if claims.exp <= now {
+        return Err("the assertion has expired".into());
+    }
+    let iat = claims.iat.ok_or("the assertion has no iat")?;
+    if iat > now {
+        return Err("the assertion's iat is in the future".into());
+    }
+    if claims.exp - iat > MAX_ASSERTION_LIFETIME {
+        return Err(format!(
+            "the assertion may live at most {MAX_ASSERTION_LIFETIME} s"
+        ));
+    }
+    match &claims.jti {
+        Some(j) if j.len() >= 16 => {}
+        _ => return Err("the assertion needs a jti of at least 16 characters".into()),
+    }
+    Ok(claims)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,290 @@
+//! Listeners and their lifecycle: bind everything, serve until told to stop, then drain.
+//!
+//! [`Sidecar::bind`] builds the token client, starts the token cache (which prefetches every
+//! route's token at once) and binds all listeners, so a caller knows the real addresses before
+//! anything is served (tests bind port 0). [`Sidecar::run`] accepts connections until the
+//! shutdown future resolves, then stops accepting, lets in-flight requests finish for up to
+//! `shutdown_grace`, and returns.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Admin;
+use crate::cache::{Policy, TokenCache};
+use crate::config::{Config, ProxyConfig};
+use crate::proxy::{Listener, Proxy, ProxyBody};
+use crate::routes::{Route, RouteError, RouteTable};
+use crate::tls::TlsError;
+use crate::token_client::{ClientBuildError, TokenClient};
+use crate::upstream::Upstream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Client(#[from] ClientBuildError),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error("route {route}: {source}")]
+    Tls {
+        route: String,
+        #[source]
+        source: TlsError,
+    },
+    #[error("cannot listen on {addr} for {what}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A sidecar with its listeners bound and its token cache warming up.
+pub struct Sidecar {
+    config: Config,
+    proxy: Arc<Proxy>,
+    cache: Arc<TokenCache>,
+    main: TcpListener,
+    dedicated: Vec<(usize, TcpListener)>,
+    admin: TcpListener,
+}
+
+impl std::fmt::Debug for Sidecar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sidecar")
+            .field("proxy", &self.main.local_addr().ok())
+            .field("admin", &self.admin.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+async fn bind(addr: SocketAddr, what: impl Into<String>) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr,
+            what: what.into(),
+            source,
+        })
+}
+
+impl Sidecar {
+    /// Builds everything from a validated config. Must run inside a Tokio runtime.
+    pub async fn bind(config: Config) -> Result<Sidecar, StartError> {
+        let client = Arc::new(TokenClient::new(&config.token)?);
+        Self::bind_with_client(config, client).await
+    }
+
+    /// Like [`Sidecar::bind`], with a token client built elsewhere (the `dev` mode builds its own).
+    pub async fn bind_with_client(
+        config: Config,
+        client: Arc<TokenClient>,
+    ) -> Result<Sidecar, StartError> {
+        let mut routes = Vec::with_capacity(config.route.len());
+        let mut upstreams = Vec::with_capacity(config.route.len());
+        for r in &config.route {
+            routes.push(Route::from_config(r)?);
+            upstreams.push(Upstream::new(r).map_err(|source| StartError::Tls {
+                route: r.name.clone(),
+                source,
+            })?);
+        }
+        let main = bind(config.proxy.listen, "proxy.listen").await?;
+        let admin = bind(config.admin.listen, "admin.listen").await?;
+        let mut dedicated = Vec::new();
+        for (i, r) in config.route.iter().enumerate() {
+            if let Some(addr) = r.listen {
+                dedicated.push((i, bind(addr, format!("route {}", r.name)).await?));
+            }
+        }
+
+        let cache = Arc::new(TokenCache::start(
+            routes.iter().map(|r| r.token_key.clone()),
+            client,
+            Policy::from_config(&config.token),
+        ));
+        for r in &mut routes {
+            r.slot = cache.slot(&r.token_key);
+        }
+        let is_dedicated: Vec<bool> = config.route.iter().map(|r| r.listen.is_some()).collect();
+        let proxy = Arc::new(Proxy {
+            table: RouteTable::new(routes, &is_dedicated),
+            upstreams,
+        });
+        Ok(Sidecar {
+            config,
+            proxy,
+            cache,
+            main,
+            dedicated,
+            admin,
+        })
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.main
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// The address of a route's dedicated listener.
+    pub fn route_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.dedicated
+            .iter()
+            .find(|(i, _)| self.config.route[*i].name == name)
+            .and_then(|(_, l)| l.local_addr().ok())
+    }
+
+    pub fn cache(&self) -> Arc<TokenCache> {
+        self.cache.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains for up to `shutdown_grace`.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let stop = CancellationToken::new();
+        let graceful = Arc::new(GracefulShutdown::new());
+        let limits = &self.config.proxy;
+        let admin = Arc::new(Admin::new(self.proxy.clone(), self.cache.clone()));
+
+        let mut loops = Vec::new();
+        let main_addr = self.proxy_addr();
+        loops.push(tokio::spawn(accept_loop(
+            self.main,
+            Handler::Proxy(self.proxy.clone(), Listener::Main),
+            builder(limits),
+            limits.max_connections,
+            graceful.clone(),
+            stop.clone(),
+        )));
+        for (i, listener) in self.dedicated {
+            loops.push(tokio::spawn(accept_loop(
+                listener,
+                Handler::Proxy(self.proxy.clone(), Listener::Dedicated(i)),
+                builder(limits),
+                limits.max_connections,
+                graceful.clone(),
+                stop.clone(),
+            )));
+        }
+        loops.push(tokio::spawn(accept_loop(
+            self.admin,
+            Handler::Admin(admin),
+            builder(limits),
+            64,
+            graceful.clone(),
+            stop.clone(),
+        )));
+        tracing::info!(proxy = %main_addr, routes = self.config.route.len(), "token-sidecar serving");
+
+        shutdown.await;
+        tracing::info!(grace = ?limits.shutdown_grace, "shutting down: no new connections, draining in-flight requests");
+        stop.cancel();
+        for l in loops {
+            let _ = l.await;
+        }
+        let graceful = Arc::try_unwrap(graceful).expect("accept loops have ended");
+        tokio::select! {
+            _ = graceful.shutdown() => tracing::info!("all connections drained"),
+            _ = tokio::time::sleep(limits.shutdown_grace) => {
+                tracing::warn!("shutdown grace period over; cutting the remaining connections");
+            }
+        }
+        // Dropping the cache stops the refreshers.
+        drop(self.cache);
+    }
+}
+
+/// What a listener serves.
+#[derive(Clone)]
+enum Handler {
+    Proxy(Arc<Proxy>, Listener),
+    Admin(Arc<Admin>),
+}
+
+impl Handler {
+    async fn call(self, req: Request<Incoming>) -> Response<ProxyBody> {
+        match self {
+            Handler::Proxy(proxy, listener) => proxy.handle(listener, req).await,
+            Handler::Admin(admin) => admin.handle(req).await,
+        }
+    }
+}
+
+fn builder(limits: &ProxyConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    b
+}
+
+/// Accepts until `stop`; each connection holds a permit, so at most `max_connections` are served
+/// at once and the rest wait in the kernel's backlog.
+async fn accept_loop(
+    listener: TcpListener,
+    handler: Handler,
+    builder: auto::Builder<TokioExecutor>,
+    max_connections: usize,
+    graceful: Arc<GracefulShutdown>,
+    stop: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler.call(req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,21 @@
+//! Logging: `tracing` to stderr, human-readable or JSON, level from `RUST_LOG` (default `info`).
+//!
+//! Secrets never reach a log line because they only exist as [`crate::secret::Secret`] and
+//! sensitive `HeaderValue`s, whose `Debug`/`Display` are redacted.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber; a second call (tests) is a no-op.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

@@ -1,0 +1,437 @@
+//! What a token is: the cache key it is requested for, the RFC 6749 §5.1 success response, the
+//! §5.2 error response, and the pure parser that turns an HTTP answer into one of them.
+//!
+//! The parser checks in the order the RFC implies: status, then content type, then the body.
+//! It never panics on any input; the property tests in `tests/` hold it to that.
+
+use std::fmt;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http::HeaderValue;
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+/// The (scope set, audience set) a token is requested for; both sorted and de-duplicated so
+/// that routes listing the same sets in another order share one token.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TokenKey {
+    pub scopes: Vec<String>,
+    pub audiences: Vec<String>,
+}
+
+impl TokenKey {
+    pub fn new<S: AsRef<str>, A: AsRef<str>>(scopes: &[S], audiences: &[A]) -> TokenKey {
+        fn norm<T: AsRef<str>>(items: &[T]) -> Vec<String> {
+            let mut v: Vec<String> = items.iter().map(|s| s.as_ref().to_string()).collect();
+            v.sort();
+            v.dedup();
+            v
+        }
+        TokenKey {
+            scopes: norm(scopes),
+            audiences: norm(audiences),
+        }
+    }
+
+    /// The `scope` form value: space-separated, or `None` when there are no scopes.
+    pub fn scope_param(&self) -> Option<String> {
+        (!self.scopes.is_empty()).then(|| self.scopes.join(" "))
+    }
+}
+
+impl fmt::Display for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "scope=[{}] audience=[{}]",
+            self.scopes.join(" "),
+            self.audiences.join(" ")
+        )
+    }
+}
+
+/// An access token as issued, with what the cache needs to schedule it.
+pub struct AccessToken {
+    /// `Bearer <token>`, built once per token and marked sensitive so hyper and our logging
+    /// never print it.
+    header: HeaderValue,
+    value: Secret<String>,
+    /// The lifetime the server granted (from `expires_in`, the JWT `exp`, or the configured default).
+    pub lifetime: Duration,
+    /// Where `lifetime` came from, for logs.
+    pub lifetime_source: LifetimeSource,
+    /// The granted scopes, when the server says.
+    pub scope: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifetimeSource {
+    ExpiresIn,
+    JwtExp,
+    Default,
+}
+
+impl AccessToken {
+    /// The ready-made `Authorization` header value.
+    pub fn authorization(&self) -> &HeaderValue {
+        &self.header
+    }
+
+    pub fn secret(&self) -> &Secret<String> {
+        &self.value
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("value", &self.value)
+            .field("lifetime", &self.lifetime)
+            .field("lifetime_source", &self.lifetime_source)
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+/// RFC 6749 §5.2 error response, kept as the server sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct OAuthError {
+    pub error: String,
+    #[serde(default)]
+    pub error_description: Option<String>,
+    #[serde(default)]
+    pub error_uri: Option<String>,
+}
+
+impl OAuthError {
+    /// Whether a new attempt (with a new assertion) can succeed. Hydra's `jti_known` means the
+    /// assertion id was seen before; the §5.2 codes for configuration mistakes are final.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.error.as_str(),
+            "jti_known" | "temporarily_unavailable" | "server_error" | "slow_down"
+        )
+    }
+}
+
+impl fmt::Display for OAuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&sanitize(&self.error, 100))?;
+        if let Some(d) = &self.error_description {
+            write!(f, ": {}", sanitize(d, 300))?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a token response could not be used.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ResponseError {
+    /// A §5.2 error body. Final unless [`OAuthError::is_retryable`].
+    #[error("token endpoint answered {status}: {error}")]
+    OAuth { status: u16, error: OAuthError },
+    /// A 5xx or 408/429 without a §5.2 body: the server is in trouble, try again later.
+    #[error("token endpoint answered {status} ({content_type})")]
+    Status { status: u16, content_type: String },
+    /// Anything else that is not a usable token response.
+    #[error("token endpoint answered {status} ({content_type}) with an unusable body: {detail}")]
+    Malformed {
+        status: u16,
+        content_type: String,
+        detail: String,
+    },
+}
+
+impl ResponseError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ResponseError::OAuth { error, .. } => error.is_retryable(),
+            ResponseError::Status { .. } | ResponseError::Malformed { .. } => true,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawSuccess {
+    access_token: Option<serde_json::Value>,
+    token_type: Option<serde_json::Value>,
+    expires_in: Option<serde_json::Value>,
+    scope: Option<serde_json::Value>,
+}
+
+/// Longest lifetime believed; keeps `Instant` arithmetic far from overflow whatever a server says.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Turns a token endpoint answer into a token or a typed error.
+///
+/// `now_unix` is only used for the JWT `exp` fallback when `expires_in` is missing.
+pub fn parse_response(
+    status: u16,
+    content_type: Option<&str>,
+    body: &[u8],
+    now_unix: u64,
+    default_ttl: Duration,
+) -> Result<AccessToken, ResponseError> {
+    let ct = content_type.unwrap_or("no content type");
+    let ct_owned = sanitize(ct, 100);
+    let malformed = |detail: String| ResponseError::Malformed {
+        status,
+        content_type: ct_owned.clone(),
+        detail,
+    };
+
+    if status != 200 {
+        // §5.2 errors come with 400 (401 for client authentication); many servers use other 4xx
+        // and even 5xx for them, so any status may carry one.
+        if let Ok(error) = serde_json::from_slice::<OAuthError>(body)
+            && !error.error.is_empty()
+        {
+            return Err(ResponseError::OAuth { status, error });
+        }
+        if status >= 500 || status == 408 || status == 429 {
+            return Err(ResponseError::Status {
+                status,
+                content_type: ct_owned,
+            });
+        }
+        return Err(malformed(format!(
+            "expected 200 or an RFC 6749 error body, got {} bytes",
+            body.len()
+        )));
+    }
+
+    // Some servers label JSON as text/plain; the body decides, and the error names the type.
+    let raw: RawSuccess = serde_json::from_slice(body).map_err(|e| {
+        malformed(format!(
+            "not a JSON token response ({})",
+            json_error_class(&e)
+        ))
+    })?;
+
+    let token = match raw.access_token {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => s,
+        Some(_) => return Err(malformed("access_token is not a non-empty string".into())),
+        None => return Err(malformed("access_token is missing".into())),
+    };
+    match raw.token_type {
+        Some(serde_json::Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
+        Some(serde_json::Value::String(t)) => {
+            return Err(malformed(format!(
+                "token_type {:?} is not Bearer",
+                sanitize(&t, 40)
+            )));
+        }
+        _ => return Err(malformed("token_type is missing".into())),
+    }
+    let scope = match raw.scope {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(_) => return Err(malformed("scope is not a string".into())),
+    };
+
+    let (lifetime, lifetime_source) = match raw.expires_in {
+        None | Some(serde_json::Value::Null) => match jwt_exp(&token) {
+            Some(exp) if exp > now_unix => (
+                Duration::from_secs(exp - now_unix).min(MAX_LIFETIME),
+                LifetimeSource::JwtExp,
+            ),
+            Some(_) => return Err(malformed("the JWT access token has already expired".into())),
+            None => (default_ttl.min(MAX_LIFETIME), LifetimeSource::Default),
+        },
+        Some(v) => match expires_in_secs(&v) {
+            Some(secs) if secs > 0.0 => (
+                Duration::from_secs_f64(secs.min(MAX_LIFETIME.as_secs_f64())),
+                LifetimeSource::ExpiresIn,
+            ),
+            Some(_) => return Err(malformed("expires_in is not positive".into())),
+            None => return Err(malformed("expires_in is not a number".into())),
+        },
+    };
+
+    let mut header = HeaderValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| malformed("access_token has characters not allowed in a header".into()))?;
+    header.set_sensitive(true);
+    Ok(AccessToken {
+        header,
+        value: Secret::new(token),
+        lifetime,
+        lifetime_source,
+        scope,
+    })
+}
+
+/// `expires_in` is a number per the RFC; some servers send a numeric string.
+fn expires_in_secs(v: &serde_json::Value) -> Option<f64> {
+    let f = match v {
+        serde_json::Value::Number(n) => n.as_f64()?,
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    f.is_finite().then_some(f)
+}
+
+/// The `exp` claim of a JWS compact token, read without verifying it: the sidecar only uses it to
+/// schedule a refresh, never to trust the token.
+pub fn jwt_exp(token: &str) -> Option<u64> {
+    jwt_claims(token)?.get("exp")?.as_u64()
+}
+
+/// The payload of a JWS compact token as JSON, unverified.
+pub fn jwt_claims(token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let mut parts = token.split('.');
+    let (_h, payload, _s) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// serde_json's messages can quote the input; only its category is safe to log.
+fn json_error_class(e: &serde_json::Error) -> &'static str {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Io => "I/O error",
+        Category::Syntax => "syntax error",
+        Category::Data => "unexpected shape",
+        Category::Eof => "truncated",
+    }
+}
+
+/// Server-provided text goes into logs and responses: keep it short and printable.
+pub fn sanitize(s: &str, max: usize) -> String {
+    let mut out: String = s.chars().filter(|c| !c.is_control()).take(max).collect();
+    if s.chars().count() > max {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(300);
+
+    fn ok(body: &str) -> Result<AccessToken, ResponseError> {
+        parse_response(200, Some("application/json"), body.as_bytes(), 1_000, TTL)
+    }
+
+    #[test]
+    fn key_is_sorted_and_deduplicated() {
+        let a = TokenKey::new(&["b", "a", "b"], &["y", "x"]);
+        let b = TokenKey::new(&["a", "b"], &["x", "y", "x"]);
+        assert_eq!(a, b);
+        assert_eq!(a.scope_param().as_deref(), Some("a b"));
+        assert_eq!(TokenKey::new::<&str, &str>(&[], &[]).scope_param(), None);
+    }
+
+    #[test]
+    fn accepts_hydra_lowercase_bearer() {
+        let t =
+            ok(r#"{"access_token":"abc","token_type":"bearer","expires_in":3599,"scope":"a b"}"#)
+                .unwrap();
+        assert_eq!(t.lifetime, Duration::from_secs(3599));
+        assert_eq!(t.lifetime_source, LifetimeSource::ExpiresIn);
+        assert_eq!(t.scope.as_deref(), Some("a b"));
+        assert_eq!(t.authorization(), "Bearer abc");
+        assert!(t.authorization().is_sensitive());
+    }
+
+    #[test]
+    fn lifetime_falls_back_to_jwt_exp_then_default() {
+        let payload = URL_SAFE_NO_PAD.encode(br#"{"exp":1600}"#);
+        let jwt = format!("eyJhbGciOiJub25lIn0.{payload}.sig");
+        let t = ok(&format!(
+            r#"{{"access_token":"{jwt}","token_type":"Bearer"}}"#
+        ))
+        .unwrap();
+        assert_eq!(t.lifetime, Duration::from_secs(600));
+        assert_eq!(t.lifetime_source, LifetimeSource::JwtExp);
+
+        let t = ok(r#"{"access_token":"opaque","token_type":"Bearer"}"#).unwrap();
+        assert_eq!(t.lifetime, TTL);
+        assert_eq!(t.lifetime_source, LifetimeSource::Default);
+
+        let t = ok(r#"{"access_token":"x","token_type":"Bearer","expires_in":"120"}"#).unwrap();
+        assert_eq!(t.lifetime, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn rejects_unusable_success_bodies() {
+        for body in [
+            r#"{"token_type":"Bearer"}"#,
+            r#"{"access_token":"","token_type":"Bearer"}"#,
+            r#"{"access_token":"x","token_type":"mac"}"#,
+            r#"{"access_token":"x"}"#,
+            r#"{"access_token":"x","token_type":"Bearer","expires_in":-5}"#,
+            r#"{"access_token":"x","token_type":"Bearer","expires_in":0}"#,
+            r#"{"access_token":"x","token_type":"Bearer","expires_in":"soon"}"#,
+            r#"{"access_token":"a\nb","token_type":"Bearer"}"#,
+            "<html>oops</html>",
+            "",
+        ] {
+            let err = ok(body)
+                .err()
+                .unwrap_or_else(|| panic!("accepted {body:?}"));
+            assert!(
+                matches!(err, ResponseError::Malformed { status: 200, .. }),
+                "{body:?}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn huge_expires_in_is_clamped() {
+        let t = ok(r#"{"access_token":"x","token_type":"Bearer","expires_in":1e300}"#).unwrap();
+        assert_eq!(t.lifetime, MAX_LIFETIME);
+    }
+
+    #[test]
+    fn error_bodies_are_typed_and_classified() {
+        let err = parse_response(
+            400,
+            Some("application/json"),
+            br#"{"error":"invalid_scope","error_description":"The requested scope is invalid"}"#,
+            0,
+            TTL,
+        )
+        .unwrap_err();
+        match &err {
+            ResponseError::OAuth { status, error } => {
+                assert_eq!(*status, 400);
+                assert_eq!(error.error, "invalid_scope");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("invalid_scope"));
+
+        let jti = parse_response(400, None, br#"{"error":"jti_known"}"#, 0, TTL).unwrap_err();
+        assert!(jti.is_retryable());
+
+        let html =
+            parse_response(502, Some("text/html"), b"<h1>bad gateway</h1>", 0, TTL).unwrap_err();
+        assert!(matches!(html, ResponseError::Status { status: 502, .. }));
+        assert!(html.is_retryable());
+        assert!(html.to_string().contains("text/html"));
+
+        let notfound = parse_response(404, Some("text/html"), b"nope", 0, TTL).unwrap_err();
+        assert!(matches!(
+            notfound,
+            ResponseError::Malformed { status: 404, .. }
+        ));
+        assert!(notfound.to_string().contains("404"));
+    }
+
+    #[test]
+    fn malformed_json_error_does_not_echo_the_body() {
+        let err = ok(r#"{"access_token": "SECRETSECRET", "token_type": 7"#).unwrap_err();
+        assert!(!err.to_string().contains("SECRETSECRET"), "{err}");
+        let err = ok(r#"{"access_token":"SECRETSECRET","token_type":"mac"}"#).unwrap_err();
+        assert!(!err.to_string().contains("SECRETSECRET"), "{err}");
+    }
+}

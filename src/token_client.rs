@@ -1,0 +1,391 @@
+//! The client side of the token endpoint: one `client_credentials` request per call, with the
+//! retry policy of SPEC §2.
+//!
+//! Each attempt signs a new assertion (a retried assertion would be refused as a replay), and the
+//! whole fetch, retries and pauses included, is bounded by `request_timeout`, so a caller waiting
+//! on it can never hang longer than that.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use tokio::time::Instant;
+
+use crate::backoff;
+use crate::config::{AudienceParam, AuthMethod, TokenConfig};
+use crate::key::{KeyError, KeySource};
+use crate::secret::Secret;
+use crate::token::{AccessToken, ResponseError, TokenKey, parse_response};
+
+/// RFC 7523 §2.2.
+pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// Why no token came back.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Response(#[from] ResponseError),
+    #[error("token endpoint unreachable: {0}")]
+    Transport(String),
+    #[error("token request timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("token response larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("cannot authenticate the client: {0}")]
+    Credentials(String),
+}
+
+/// How a failed fetch is reported to the application (SPEC §5) and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The server said no: a configuration problem that retrying cannot fix.
+    Rejected,
+    /// The server could not be asked or gave no usable answer; worth retrying later.
+    Unavailable,
+}
+
+impl FetchError {
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            FetchError::Response(ResponseError::OAuth { error, .. }) if !error.is_retryable() => {
+                FailureKind::Rejected
+            }
+            FetchError::Credentials(_) => FailureKind::Rejected,
+            _ => FailureKind::Unavailable,
+        }
+    }
+
+    fn is_retryable(&self) -> bool {
+        match self {
+            FetchError::Response(r) => r.is_retryable(),
+            FetchError::Transport(_) | FetchError::Timeout(_) | FetchError::TooLarge { .. } => true,
+            FetchError::Credentials(_) => false,
+        }
+    }
+
+    /// The server's own error code, when it sent one.
+    pub fn oauth_code(&self) -> Option<&str> {
+        match self {
+            FetchError::Response(ResponseError::OAuth { error, .. }) => Some(&error.error),
+            _ => None,
+        }
+    }
+}
+
+enum ClientAuth {
+    PrivateKeyJwt {
+        key: KeySource,
+        audience: String,
+        lifetime: Duration,
+    },
+    SecretBasic(SecretSource),
+    SecretPost(SecretSource),
+}
+
+/// A client secret from the config or from a file re-read per fetch (so rotation needs no restart).
+enum SecretSource {
+    Inline(Secret<String>),
+    File(PathBuf),
+}
+
+impl SecretSource {
+    fn read(&self) -> Result<Secret<String>, FetchError> {
+        match self {
+            SecretSource::Inline(s) => Ok(s.clone()),
+            SecretSource::File(p) => std::fs::read_to_string(p)
+                .map(|s| Secret::new(s.trim_end_matches(['\r', '\n']).to_string()))
+                .map_err(|e| FetchError::Credentials(format!("cannot read {}: {e}", p.display()))),
+        }
+    }
+}
+
+/// Talks to one token endpoint as one client.
+pub struct TokenClient {
+    http: reqwest::Client,
+    token_url: String,
+    client_id: String,
+    auth: ClientAuth,
+    audience_param: AudienceParam,
+    extra_params: Vec<(String, String)>,
+    request_timeout: Duration,
+    max_attempts: u32,
+    backoff_initial: Duration,
+    max_response_bytes: usize,
+    default_ttl: Duration,
+}
+
+impl std::fmt::Debug for TokenClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenClient")
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBuildError {
+    #[error("token.private_key_file: {0}")]
+    Key(#[from] KeyError),
+    #[error("token.ca_file: {0}")]
+    Ca(String),
+    #[error("token client: {0}")]
+    Http(String),
+}
+
+impl TokenClient {
+    /// Builds the client from validated config; loads (and checks) the signing key once.
+    pub fn new(cfg: &TokenConfig) -> Result<TokenClient, ClientBuildError> {
+        crate::tls::provider();
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(ca) = &cfg.ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| ClientBuildError::Ca(format!("cannot read {}: {e}", ca.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| ClientBuildError::Ca(format!("{}: {e}", ca.display())))?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ClientBuildError::Http(e.to_string()))?;
+
+        let secret_source = || match (&cfg.client_secret, &cfg.client_secret_file) {
+            (Some(s), _) => SecretSource::Inline(s.clone()),
+            (None, Some(p)) => SecretSource::File(p.clone()),
+            (None, None) => SecretSource::Inline(Secret::new(String::new())),
+        };
+        let auth = match cfg.auth_method {
+            AuthMethod::PrivateKeyJwt => {
+                let path = cfg
+                    .private_key_file
+                    .clone()
+                    .ok_or_else(|| KeyError::Config("private_key_file is not set".into()))?;
+                let alg = match &cfg.signing_alg {
+                    Some(a) => Some(crate::key::parse_alg(a).ok_or_else(|| {
+                        KeyError::Config(format!("unsupported signing_alg {a:?}"))
+                    })?),
+                    None => None,
+                };
+                ClientAuth::PrivateKeyJwt {
+                    key: KeySource::load(path, alg, cfg.key_id.clone())?,
+                    audience: cfg
+                        .assertion_audience
+                        .clone()
+                        .unwrap_or_else(|| cfg.token_url.clone()),
+                    lifetime: cfg.assertion_lifetime,
+                }
+            }
+            AuthMethod::ClientSecretBasic => ClientAuth::SecretBasic(secret_source()),
+            AuthMethod::ClientSecretPost => ClientAuth::SecretPost(secret_source()),
+        };
+
+        Ok(TokenClient {
+            http,
+            token_url: cfg.token_url.clone(),
+            client_id: cfg.client_id.clone(),
+            auth,
+            audience_param: cfg.audience_param,
+            extra_params: cfg
+                .extra_params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            request_timeout: cfg.request_timeout,
+            max_attempts: cfg.max_attempts,
+            backoff_initial: cfg.retry_backoff_initial,
+            max_response_bytes: cfg.max_response_bytes,
+            default_ttl: cfg.default_token_ttl,
+        })
+    }
+
+    pub fn token_url(&self) -> &str {
+        &self.token_url
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// The signing key source, when the client authenticates with `private_key_jwt`.
+    pub fn key_source(&self) -> Option<&KeySource> {
+        match &self.auth {
+            ClientAuth::PrivateKeyJwt { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
+    /// Gets one token for `key`, retrying what SPEC §2 says is retryable, within `request_timeout`.
+    pub async fn fetch(&self, key: &TokenKey) -> Result<AccessToken, FetchError> {
+        let deadline = Instant::now() + self.request_timeout;
+        let mut attempt = 1;
+        loop {
+            let outcome = tokio::time::timeout_at(deadline, self.attempt(key)).await;
+            let err = match outcome {
+                Ok(Ok(token)) => return Ok(token),
+                Ok(Err(e)) => e,
+                Err(_) => FetchError::Timeout(self.request_timeout),
+            };
+            let now = Instant::now();
+            if !err.is_retryable() || attempt >= self.max_attempts || now >= deadline {
+                return Err(err);
+            }
+            let pause = backoff::delay(
+                self.backoff_initial,
+                self.request_timeout,
+                attempt,
+                backoff::random_fraction(),
+            );
+            tracing::debug!(%key, attempt, error = %err, ?pause, "token request failed; retrying");
+            if now + pause >= deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(pause).await;
+            attempt += 1;
+        }
+    }
+
+    async fn attempt(&self, key: &TokenKey) -> Result<AccessToken, FetchError> {
+        let (request, body) = self.build_request(key)?;
+        let response = request
+            .header(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/x-www-form-urlencoded"),
+            )
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(body.into_inner())
+            .send()
+            .await
+            .map_err(|e| FetchError::Transport(error_chain(&e)))?;
+
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = read_bounded(response, self.max_response_bytes).await?;
+        let result = parse_response(
+            status,
+            content_type.as_deref(),
+            &body,
+            unix_now(),
+            self.default_ttl,
+        );
+        match &result {
+            Ok(t) => {
+                tracing::debug!(%key, status, lifetime = ?t.lifetime, source = ?t.lifetime_source, "token issued")
+            }
+            Err(e) => tracing::debug!(%key, status, error = %e, "token request refused"),
+        }
+        Ok(result?)
+    }
+
+    /// The request and its form body, with a freshly signed assertion. Synchronous on purpose:
+    /// the form serializer must not live across an await.
+    fn build_request(
+        &self,
+        key: &TokenKey,
+    ) -> Result<(reqwest::RequestBuilder, Secret<String>), FetchError> {
+        let mut form = url::form_urlencoded::Serializer::new(String::new());
+        form.append_pair("grant_type", "client_credentials");
+        let mut request = self.http.post(&self.token_url);
+        match &self.auth {
+            ClientAuth::PrivateKeyJwt {
+                key: source,
+                audience,
+                lifetime,
+            } => {
+                let signing_key = source.current();
+                let assertion =
+                    crate::assertion::sign(&signing_key, &self.client_id, audience, *lifetime)
+                        .map_err(|e| FetchError::Credentials(e.to_string()))?;
+                form.append_pair("client_id", &self.client_id);
+                form.append_pair("client_assertion_type", ASSERTION_TYPE);
+                form.append_pair("client_assertion", assertion.expose());
+            }
+            ClientAuth::SecretBasic(src) => {
+                let secret = src.read()?;
+                // RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
+                let enc = |s: &str| {
+                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+                };
+                request = request.basic_auth(enc(&self.client_id), Some(enc(secret.expose())));
+            }
+            ClientAuth::SecretPost(src) => {
+                let secret = src.read()?;
+                form.append_pair("client_id", &self.client_id);
+                form.append_pair("client_secret", secret.expose());
+            }
+        }
+        if let Some(scope) = key.scope_param() {
+            form.append_pair("scope", &scope);
+        }
+        if !key.audiences.is_empty() {
+            match self.audience_param {
+                AudienceParam::Audience => {
+                    form.append_pair("audience", &key.audiences.join(" "));
+                }
+                AudienceParam::Resource => {
+                    for a in &key.audiences {
+                        form.append_pair("resource", a);
+                    }
+                }
+            }
+        }
+        for (k, v) in &self.extra_params {
+            form.append_pair(k, v);
+        }
+        Ok((request, Secret::new(form.finish())))
+    }
+}
+
+async fn read_bounded(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, FetchError> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(FetchError::TooLarge { limit });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| FetchError::Transport(error_chain(&e)))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(FetchError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// reqwest's top-level message is vague ("error sending request"); the causes say what happened.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// Shared handle used by the cache and the CLI.
+pub type SharedClient = Arc<TokenClient>;

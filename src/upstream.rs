@@ -1,0 +1,49 @@
+//! The pooled client that carries requests to one route's upstream: HTTP/1.1, or HTTP/2 when
+//! the upstream offers it by ALPN; TLS verified against the system and webpki roots plus the
+//! route's `ca_file`.
+
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::RouteConfig;
+use crate::tls::{self, TlsError};
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+
+/// A route's upstream connection pool and its timeouts.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub client: UpstreamClient,
+    /// Until the upstream's response headers arrive.
+    pub timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(cfg: &RouteConfig) -> Result<Upstream, TlsError> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        let tls = tls::client_config(cfg.ca_file.as_deref())?;
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Ok(Upstream {
+            client,
+            timeout: cfg.timeout,
+        })
+    }
+}

@@ -1,0 +1,289 @@
+//! Test 6: the token endpoint failing. With a usable cached token requests keep succeeding;
+//! without one they fail fast with 503 `token_unavailable`, never hang.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::support::faults::{FakeTokenEndpoint, Mode};
+use crate::support::upstream::Upstream;
+use crate::support::{Running, config, fixture, http_client, route};
+
+fn sidecar_config(token_url: &str, up: &Upstream, token_extra: &str) -> String {
+    config(
+        token_url,
+        &fixture("ec_p256_sec1.pem"),
+        token_extra,
+        &route(
+            "orders",
+            "/orders/",
+            &up.url(),
+            &["orders:read"],
+            &["https://orders.example.com"],
+        ),
+    )
+}
+
+#[tokio::test]
+async fn a_cached_token_outlives_500s_hangs_and_garbage() {
+    let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(10))).await;
+    let up = Upstream::start().await;
+    // 10 s tokens refreshed from 2 s on, usable until 9 s: the failures below all happen while
+    // the first token is still usable.
+    let sc = Running::start(&sidecar_config(
+        &idp.token_url(),
+        &up,
+        "refresh_at = 0.2\nexpiry_skew = \"1s\"\nrequest_timeout = \"1s\"\nretry_backoff_max = \"500ms\"",
+    ))
+    .await;
+    sc.wait_ready().await;
+    let ready_at = Instant::now();
+    assert_eq!(idp.requests(), 1);
+
+    let client = http_client();
+    let phases = [
+        (Mode::Status500, 3.0),
+        (Mode::Hang, 5.5),
+        (Mode::Garbage, 8.0),
+    ];
+    for (mode, until) in phases {
+        idp.set_mode(mode.clone());
+        while ready_at.elapsed().as_secs_f64() < until {
+            let resp = client.get(sc.url("/orders/x")).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "{mode:?} at {:?}", ready_at.elapsed());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let slot = sc.cache.slots()[0].clone();
+    assert!(slot.is_failing());
+    assert!(
+        idp.requests() > 3,
+        "refreshes were attempted: {}",
+        idp.requests()
+    );
+    let tokens: std::collections::HashSet<String> =
+        up.received().iter().map(|r| r.bearer().unwrap()).collect();
+    assert_eq!(tokens.len(), 1);
+
+    // Past the token's usable life the endpoint still sends garbage: fail fast with 503.
+    while ready_at.elapsed() < Duration::from_millis(9300) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = up.count();
+    let t = Instant::now();
+    let resp = client.get(sc.url("/orders/x")).send().await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["token-sidecar-error"], "token_unavailable");
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "token_unavailable");
+    assert_eq!(up.count(), before, "nothing forwarded without a token");
+
+    // The endpoint comes back: requests succeed again within the backoff cap.
+    idp.set_mode(Mode::Issue(Duration::from_secs(10)));
+    let back = Instant::now();
+    loop {
+        let resp = client.get(sc.url("/orders/x")).send().await.unwrap();
+        if resp.status() == 200 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(3),
+            "no recovery in 3 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sc.stop().await;
+}
+
+#[tokio::test]
+async fn a_hanging_endpoint_with_no_token_gives_503_within_the_timeout() {
+    let idp = FakeTokenEndpoint::start(Mode::Hang).await;
+    let up = Upstream::start().await;
+    let sc = Running::start(&sidecar_config(
+        &idp.token_url(),
+        &up,
+        "request_timeout = \"1s\"",
+    ))
+    .await;
+    let t = Instant::now();
+    let resp = http_client().get(sc.url("/orders/x")).send().await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["token-sidecar-error"], "token_unavailable");
+    // Bounded by request_timeout (1 s) plus the wait margin, never a hang.
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    assert_eq!(up.count(), 0);
+    sc.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_gives_503_and_is_not_hammered() {
+    // A port with nothing listening: connection refused.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let up = Upstream::start().await;
+    let sc = Running::start(&sidecar_config(
+        &format!("http://127.0.0.1:{port}/oauth2/token"),
+        &up,
+        "retry_backoff_max = \"1s\"",
+    ))
+    .await;
+    let client = http_client();
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        let t = Instant::now();
+        let resp = client.get(sc.url("/orders/x")).send().await.unwrap();
+        assert_eq!(resp.status(), 503);
+        assert!(t.elapsed() < Duration::from_secs(2));
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(n > 20);
+    // Backoff: the refresher retries at most about once per 0.1–1 s (3 attempts per fetch),
+    // whatever the request rate.
+    let fetches = sc.cache.fetches();
+    assert!(fetches <= 12, "{fetches} fetches in 3 s for {n} requests");
+    sc.stop().await;
+}
+
+#[tokio::test]
+async fn a_rejection_is_502_token_rejected_with_the_server_code() {
+    let idp = FakeTokenEndpoint::start(Mode::Reject("unauthorized_client")).await;
+    let up = Upstream::start().await;
+    let sc = Running::start(&sidecar_config(&idp.token_url(), &up, "")).await;
+    let resp = http_client().get(sc.url("/orders/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["token-sidecar-error"], "token_rejected");
+    assert!(resp.headers().get("retry-after").is_none());
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("unauthorized_client")
+    );
+    // Not retried: a configuration problem.
+    assert_eq!(idp.requests(), 1);
+    assert_eq!(up.count(), 0);
+    sc.stop().await;
+}
+
+#[tokio::test]
+async fn the_token_request_carries_the_spec_parameters() {
+    let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
+    let up = Upstream::start().await;
+    let routes = format!(
+        "{}{}",
+        route(
+            "a",
+            "/a/",
+            &up.url(),
+            &["s2", "s1", "s2"],
+            &["https://b.example", "https://a.example"]
+        ),
+        "",
+    );
+    let sc = Running::start(&config(
+        &idp.token_url(),
+        &fixture("ec_p256_sec1.pem"),
+        "extra_params = { tenant = \"t1\" }",
+        &routes,
+    ))
+    .await;
+    sc.wait_ready().await;
+    let form: Vec<(String, String)> = url::form_urlencoded::parse(idp.last_form().as_bytes())
+        .into_owned()
+        .collect();
+    let get = |k: &str| {
+        form.iter()
+            .filter(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(get("grant_type"), ["client_credentials"]);
+    assert_eq!(get("client_id"), [crate::support::CLIENT_ID]);
+    assert_eq!(
+        get("client_assertion_type"),
+        ["urn:ietf:params:oauth:client-assertion-type:jwt-bearer"]
+    );
+    assert_eq!(get("scope"), ["s1 s2"]);
+    assert_eq!(get("audience"), ["https://a.example https://b.example"]);
+    assert_eq!(get("tenant"), ["t1"]);
+    let assertion = &get("client_assertion")[0];
+    let claims = token_sidecar::token::jwt_claims(assertion).unwrap();
+    assert_eq!(claims["iss"], crate::support::CLIENT_ID);
+    assert_eq!(claims["sub"], crate::support::CLIENT_ID);
+    assert_eq!(claims["aud"], idp.token_url().as_str());
+    assert!(
+        claims.get("scope").is_none(),
+        "scopes go in the form, not the assertion"
+    );
+    sc.stop().await;
+
+    // RFC 8707 style: one resource parameter per audience.
+    let sc = Running::start(&config(
+        &idp.token_url(),
+        &fixture("ec_p256_sec1.pem"),
+        "audience_param = \"resource\"",
+        &routes,
+    ))
+    .await;
+    sc.wait_ready().await;
+    let form: Vec<(String, String)> = url::form_urlencoded::parse(idp.last_form().as_bytes())
+        .into_owned()
+        .collect();
+    let resources: Vec<&str> = form
+        .iter()
+        .filter(|(n, _)| n == "resource")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(resources, ["https://a.example", "https://b.example"]);
+    assert!(!form.iter().any(|(n, _)| n == "audience"));
+    sc.stop().await;
+}
+
+/// Hydra's `jti_known` is retried with a new assertion (new jti), bounded by max_attempts.
+#[tokio::test]
+async fn jti_known_is_retried_with_a_fresh_assertion() {
+    let idp = FakeTokenEndpoint::start(Mode::Reject("jti_known")).await;
+    let up = Upstream::start().await;
+    let sc = Running::start(&sidecar_config(
+        &idp.token_url(),
+        &up,
+        "max_attempts = 3\nretry_backoff_max = \"10s\"",
+    ))
+    .await;
+    let resp = http_client().get(sc.url("/orders/x")).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        503,
+        "retryable, so unavailable rather than rejected"
+    );
+    let forms = idp.forms();
+    assert_eq!(forms.len(), 3, "one fetch, three attempts");
+    let jtis: std::collections::HashSet<String> = forms
+        .iter()
+        .map(|f| {
+            let assertion = url::form_urlencoded::parse(f.as_bytes())
+                .find(|(k, _)| k == "client_assertion")
+                .unwrap()
+                .1
+                .into_owned();
+            token_sidecar::token::jwt_claims(&assertion).unwrap()["jti"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(jtis.len(), 3, "every attempt signs a new assertion");
+    sc.stop().await;
+}

@@ -1,0 +1,162 @@
+//! Test 7: no route, upstream down, upstream slow; plus matching by dedicated port and host.
+
+use std::time::Duration;
+
+use crate::support::faults::{FakeTokenEndpoint, Mode};
+use crate::support::upstream::Upstream;
+use crate::support::{Running, config, fixture, http_client, route};
+
+async fn idp() -> FakeTokenEndpoint {
+    FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await
+}
+
+#[tokio::test]
+async fn no_route_is_404_and_nothing_is_forwarded() {
+    let idp = idp().await;
+    let up = Upstream::start().await;
+    let sc = Running::start(&config(
+        &idp.token_url(),
+        &fixture("ec_p256_sec1.pem"),
+        "",
+        &route("orders", "/orders/", &up.url(), &[], &[]),
+    ))
+    .await;
+    let client = http_client();
+    for path in ["/", "/other/1", "/ordersX/1"] {
+        let resp = client.get(sc.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), 404, "{path}");
+        assert_eq!(resp.headers()["token-sidecar-error"], "no_route");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "no_route");
+        assert!(body["route"].is_null());
+    }
+    // Dot segments cannot climb out of the route's base path. (reqwest would normalize these
+    // away before sending; hyper sends the target as written, like a hostile client would.)
+    let raw: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    for path in [
+        "/orders/%2e%2e/admin",
+        "/orders/../admin",
+        "/orders/a/%2E%2e/%2e%2e/x",
+    ] {
+        let resp = raw.get(sc.url(path).parse().unwrap()).await.unwrap();
+        assert_eq!(resp.status(), 400, "{path}");
+        assert_eq!(resp.headers()["token-sidecar-error"], "bad_request");
+    }
+    assert_eq!(up.count(), 0);
+    sc.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_and_slow_upstream_is_504() {
+    let idp = idp().await;
+    let up = Upstream::start().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let routes = [
+        route("down", "/down/", &closed, &[], &[]),
+        route("slow", "/slow/", &up.url(), &[], &[]),
+    ]
+    .concat();
+    let sc = Running::start(&config(
+        &idp.token_url(),
+        &fixture("ec_p256_sec1.pem"),
+        "",
+        &routes,
+    ))
+    .await;
+    sc.wait_ready().await;
+    let client = http_client();
+
+    let resp = client.get(sc.url("/down/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(
+        resp.headers()["token-sidecar-error"],
+        "upstream_unavailable"
+    );
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["route"], "down");
+
+    // The route's timeout is 2 s (see support::route); the upstream takes 5 s.
+    let t = tokio::time::Instant::now();
+    let resp = client.get(sc.url("/slow/slow/5000")).send().await.unwrap();
+    assert_eq!(resp.status(), 504);
+    assert_eq!(resp.headers()["token-sidecar-error"], "upstream_timeout");
+    assert!(t.elapsed() < Duration::from_secs(4));
+    // Within its timeout the same upstream answers.
+    let resp = client.get(sc.url("/slow/slow/100")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    sc.stop().await;
+}
+
+#[tokio::test]
+async fn host_routes_absolute_form_and_dedicated_ports() {
+    let idp = idp().await;
+    let up_a = Upstream::start().await;
+    let up_b = Upstream::start().await;
+    let routes = format!(
+        r#"
+[[route]]
+name = "by-host"
+host = "orders.internal"
+upstream = "{a}"
+allow_insecure_upstream = true
+
+[[route]]
+name = "dedicated"
+listen = "127.0.0.1:0"
+upstream = "{b}/base"
+allow_insecure_upstream = true
+scope = ["x"]
+"#,
+        a = up_a.url(),
+        b = up_b.url()
+    );
+    let sc = Running::start(&config(
+        &idp.token_url(),
+        &fixture("ec_p256_sec1.pem"),
+        "",
+        &routes,
+    ))
+    .await;
+    sc.wait_ready().await;
+
+    // Host header.
+    let resp = http_client()
+        .get(sc.url("/v1/items"))
+        .header("host", "orders.internal")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up_a.received()[0].path_and_query, "/v1/items");
+
+    // HTTP_PROXY style absolute-form request for an http:// URL.
+    let proxied = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(sc.url("")).unwrap())
+        .build()
+        .unwrap();
+    let resp = proxied
+        .get("http://orders.internal/v2/x?q=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up_a.received()[1].path_and_query, "/v2/x?q=1");
+    // A host no route names is not forwarded anywhere (no open proxy).
+    let resp = proxied
+        .get("http://elsewhere.example/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(up_a.count() + up_b.count(), 2);
+
+    // Unknown host on the main listener with no path routes: 404.
+    let resp = http_client().get(sc.url("/v1/items")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    sc.stop().await;
+}

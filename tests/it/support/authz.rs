@@ -1,0 +1,253 @@
+//! The real `oidc-provider` (npm) as a test authorization server: `tests/authz/server.mjs` run
+//! with node on a free loopback port, configured for `client_credentials` + `private_key_jwt` +
+//! resource indicators. Needs `npm ci --prefix tests/authz` once.
+//!
+//! What the server does (see the header of `tests/authz/server.mjs`):
+//! - `POST {issuer}/oauth2/token`; `GET {issuer}/jwks`; `GET {issuer}/.well-known/openid-configuration`;
+//!   `GET {issuer}/__test/stats` -> `{"token_requests": N}` (every POST to the token endpoint).
+//! - `audience` (space-separated) is mapped to one RFC 8707 `resource` per value; one resource
+//!   per request only (two distinct ones: 400 `invalid_target`).
+//! - With a known resource: an RS256 JWT access token (`typ: at+jwt`) with `aud` = the resource,
+//!   `scope` = the requested scopes, lifetime = the resource's TTL. Without one: an opaque token
+//!   living `default_ttl_secs`.
+//! - Requested scopes outside the client's `scope` or the resource's `scope`: 400 `invalid_scope`;
+//!   unknown resource: 400 `invalid_target`; any client authentication failure (bad signature,
+//!   unknown kid, wrong `aud`, reused `jti`, expired): 401 `invalid_client`, with the generic
+//!   description "client authentication failed" (run with `DEBUG=oidc-provider:*` to see why).
+//! - The response: `{"access_token", "expires_in", "scope" (absent when no scope granted),
+//!   "token_type": "Bearer"}`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+
+/// What the authorization server knows: its clients and resource servers.
+#[derive(Clone, Debug)]
+pub struct AuthzConfig {
+    pub clients: Vec<ClientReg>,
+    pub resources: Vec<ResourceReg>,
+    /// Lifetime of tokens issued without a resource (opaque tokens).
+    pub default_ttl_secs: u64,
+}
+
+/// A registered client: its public keys (`{"keys": [...]}`) and the scopes it may ask for
+/// (space-separated).
+#[derive(Clone, Debug)]
+pub struct ClientReg {
+    pub client_id: String,
+    pub jwks: Value,
+    pub scope: String,
+}
+
+/// A resource server: the `audience`/`resource` value, the scopes it accepts (space-separated)
+/// and the lifetime of its tokens.
+#[derive(Clone, Debug)]
+pub struct ResourceReg {
+    pub audience: String,
+    pub scope: String,
+    pub ttl_secs: u64,
+}
+
+impl AuthzConfig {
+    /// The JSON that `tests/authz/server.mjs` reads.
+    pub fn to_json(&self) -> Value {
+        let clients: Vec<Value> = self
+            .clients
+            .iter()
+            .map(|c| json!({ "client_id": c.client_id, "jwks": c.jwks, "scope": c.scope }))
+            .collect();
+        let resources: serde_json::Map<String, Value> = self
+            .resources
+            .iter()
+            .map(|r| {
+                (
+                    r.audience.clone(),
+                    json!({ "scope": r.scope, "ttl": r.ttl_secs }),
+                )
+            })
+            .collect();
+        json!({ "clients": clients, "resources": resources, "default_ttl": self.default_ttl_secs })
+    }
+}
+
+/// A running `oidc-provider`; the process ends when this is dropped.
+pub struct OidcProvider {
+    /// `http://127.0.0.1:PORT`
+    pub issuer: String,
+    /// `{issuer}/oauth2/token`
+    pub token_url: String,
+    /// `{issuer}/jwks`
+    pub jwks_url: String,
+    child: Child,
+    // The server exits when this pipe closes, so it cannot outlive the test process.
+    _stdin: ChildStdin,
+    _config: tempfile::NamedTempFile,
+    http: reqwest::Client,
+}
+
+fn authz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/authz")
+}
+
+impl OidcProvider {
+    /// Starts `tests/authz/server.mjs` with node (`$NODE` or `node` on PATH) and waits (at most
+    /// 20 s) for it to listen.
+    pub async fn start(cfg: &AuthzConfig) -> OidcProvider {
+        let dir = authz_dir();
+        if !dir.join("node_modules/oidc-provider").is_dir() {
+            panic!(
+                "the test authorization server's npm packages are missing ({}): \
+                 run `npm ci --prefix tests/authz` in the repository root first",
+                dir.join("node_modules").display()
+            );
+        }
+
+        let mut config = tempfile::Builder::new()
+            .prefix("authz-config-")
+            .suffix(".json")
+            .tempfile()
+            .expect("create authz config file");
+        serde_json::to_writer_pretty(&mut config, &cfg.to_json()).expect("write authz config");
+        std::io::Write::flush(&mut config).expect("flush authz config");
+
+        let node = std::env::var_os("NODE").unwrap_or_else(|| "node".into());
+        let mut child = Command::new(&node)
+            .arg(dir.join("server.mjs"))
+            .arg(config.path())
+            .current_dir(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {node:?} for the test authorization server (is Node.js installed?): {e}")
+            });
+        let stdin = child.stdin.take().expect("child stdin");
+        let stdout = child.stdout.take().expect("child stdout");
+
+        let mut lines = BufReader::new(stdout).lines();
+        let waited = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await.expect("read authz server stdout") {
+                if let Some(url) = line.strip_prefix("LISTENING ") {
+                    return Some(url.trim().to_string());
+                }
+                eprintln!("authz server: {line}");
+            }
+            None
+        })
+        .await;
+        let issuer = match waited {
+            Ok(Some(issuer)) => issuer,
+            Ok(None) => {
+                let status = child.wait().await;
+                panic!(
+                    "the test authorization server exited before listening ({status:?}); its stderr is above"
+                )
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+                panic!("the test authorization server did not print LISTENING within 20 s")
+            }
+        };
+
+        // Keep draining stdout so the child can never block on a full pipe.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("authz server: {line}");
+            }
+        });
+
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("reqwest client");
+
+        OidcProvider {
+            token_url: format!("{issuer}/oauth2/token"),
+            jwks_url: format!("{issuer}/jwks"),
+            issuer,
+            child,
+            _stdin: stdin,
+            _config: config,
+            http,
+        }
+    }
+
+    /// The server process's id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    async fn get_json(&self, url: &str) -> Value {
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = resp.status();
+        assert!(status.is_success(), "GET {url}: HTTP {status}");
+        resp.json()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+    }
+
+    /// Token requests received so far: every POST to the token endpoint, whatever its outcome.
+    pub async fn token_requests(&self) -> u64 {
+        let stats = self
+            .get_json(&format!("{}/__test/stats", self.issuer))
+            .await;
+        stats["token_requests"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("unexpected stats: {stats}"))
+    }
+
+    /// The provider's public JWK Set (its access-token signing key).
+    pub async fn jwks(&self) -> Value {
+        self.get_json(&self.jwks_url).await
+    }
+
+    /// Verifies a JWT access token's RS256 signature against the provider's JWKS, its `iss` and
+    /// its `exp` (no leeway), and returns the claims. `aud` and `scope` are left to the caller.
+    /// Panics when the token is opaque or invalid.
+    pub async fn verify_access_token(&self, token: &str) -> Value {
+        use jsonwebtoken::{
+            Algorithm, DecodingKey, Validation, decode, decode_header, jwk::JwkSet,
+        };
+
+        let header = decode_header(token)
+            .unwrap_or_else(|e| panic!("access token is not a JWT ({e}): {token}"));
+        assert_eq!(header.typ.as_deref(), Some("at+jwt"), "access token typ");
+        let jwks: JwkSet = serde_json::from_value(self.jwks().await).expect("provider JWKS parses");
+        let kid = header
+            .kid
+            .as_deref()
+            .expect("access token header has a kid");
+        let jwk = jwks
+            .find(kid)
+            .unwrap_or_else(|| panic!("kid {kid} not in the provider's JWKS"));
+        let key = DecodingKey::from_jwk(jwk).expect("provider JWK usable");
+
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.validate_aud = false;
+        validation.leeway = 0;
+        validation.set_issuer(&[&self.issuer]);
+        decode::<Value>(token, &key, &validation)
+            .unwrap_or_else(|e| panic!("access token does not verify: {e}"))
+            .claims
+    }
+}
+
+impl Drop for OidcProvider {
+    fn drop(&mut self) {
+        // Only the process we started, by its pid; closing its stdin would end it as well.
+        let _ = self.child.start_kill();
+    }
+}

@@ -1,0 +1,164 @@
+//! A small in-process token endpoint for the failures a real server will not produce on demand:
+//! 500s, hangs, garbage, refused connections. The normal path is tested against oidc-provider.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+/// What the fake token endpoint does with the next requests.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Issues opaque token `fake-N` valid for this long.
+    Issue(Duration),
+    /// Answers 500 with an HTML body.
+    Status500,
+    /// Accepts the request and never answers.
+    Hang,
+    /// Answers 200 with a body that is not a token response.
+    Garbage,
+    /// Answers 400/401 with this RFC 6749 error code.
+    Reject(&'static str),
+}
+
+struct Shared {
+    mode: Mutex<Mode>,
+    requests: AtomicU64,
+    issued: AtomicU64,
+    forms: Mutex<Vec<String>>,
+}
+
+pub struct FakeTokenEndpoint {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeTokenEndpoint {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeTokenEndpoint {
+    pub async fn start(mode: Mode) -> FakeTokenEndpoint {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            mode: Mutex::new(mode),
+            requests: AtomicU64::new(0),
+            issued: AtomicU64::new(0),
+            forms: Mutex::new(Vec::new()),
+        });
+        let s = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let s = s.clone();
+                        async move { Ok::<_, Infallible>(handle(s, req).await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FakeTokenEndpoint { addr, shared, task }
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("http://{}/oauth2/token", self.addr)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.shared.mode.lock().unwrap() = mode;
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn last_form(&self) -> String {
+        self.shared
+            .forms
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every form body received, in order.
+    pub fn forms(&self) -> Vec<String> {
+        self.shared.forms.lock().unwrap().clone()
+    }
+}
+
+async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    s.requests.fetch_add(1, Ordering::SeqCst);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    s.forms
+        .lock()
+        .unwrap()
+        .push(String::from_utf8_lossy(&body).into_owned());
+    let mode = s.mode.lock().unwrap().clone();
+    let (status, ct, body) = match mode {
+        Mode::Issue(ttl) => {
+            let n = s.issued.fetch_add(1, Ordering::SeqCst) + 1;
+            (
+                StatusCode::OK,
+                "application/json",
+                serde_json::json!({
+                    "access_token": format!("fake-{n}"),
+                    "token_type": "bearer",
+                    "expires_in": ttl.as_secs_f64(),
+                })
+                .to_string(),
+            )
+        }
+        Mode::Status500 => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/html",
+            "<html>internal error</html>".into(),
+        ),
+        Mode::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            unreachable!()
+        }
+        Mode::Garbage => (StatusCode::OK, "application/json", "{\"access_tok".into()),
+        Mode::Reject(code) => (
+            if code == "invalid_client" {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::BAD_REQUEST
+            },
+            "application/json",
+            serde_json::json!({"error": code, "error_description": format!("fake says {code}")})
+                .to_string(),
+        ),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert("content-type", ct.parse().unwrap());
+    r
+}

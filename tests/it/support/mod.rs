@@ -1,0 +1,168 @@
+//! Shared test plumbing: the authorization servers, the recording upstream, and a sidecar
+//! running in-process on free loopback ports.
+
+#![allow(dead_code)]
+
+pub mod authz;
+pub mod faults;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use token_sidecar::cache::TokenCache;
+use token_sidecar::config::from_toml_str;
+use token_sidecar::key::SigningKey;
+use token_sidecar::server::Sidecar;
+
+pub const CLIENT_ID: &str = "orders-service";
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/keys")
+        .join(name)
+}
+
+/// The public JWK Set of a key fixture, as the sidecar's `jwks` command would print it.
+pub fn public_jwks(key_file: &str, alg: Option<&str>) -> serde_json::Value {
+    let bytes = std::fs::read(fixture(key_file)).unwrap();
+    let alg = alg.map(|a| token_sidecar::key::parse_alg(a).unwrap());
+    let key = SigningKey::from_bytes(&bytes, alg, None).unwrap();
+    serde_json::json!({ "keys": [key.public_jwk()] })
+}
+
+/// A sidecar config: loopback port-0 listeners, the given token endpoint and key, the routes.
+pub fn config(token_url: &str, key_file: &Path, token_extra: &str, routes: &str) -> String {
+    format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+shutdown_grace = "2s"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[token]
+token_url = "{token_url}"
+allow_insecure_token_url = true
+client_id = "{CLIENT_ID}"
+private_key_file = "{key}"
+{token_extra}
+
+{routes}
+"#,
+        key = key_file.display()
+    )
+}
+
+/// A `[[route]]` on the main listener with a path prefix, stripped, to a plain-HTTP loopback upstream.
+pub fn route(
+    name: &str,
+    prefix: &str,
+    upstream: &str,
+    scopes: &[&str],
+    audiences: &[&str],
+) -> String {
+    format!(
+        r#"
+[[route]]
+name = "{name}"
+path_prefix = "{prefix}"
+strip_prefix = true
+upstream = "{upstream}"
+allow_insecure_upstream = true
+scope = {scopes:?}
+audience = {audiences:?}
+timeout = "2s"
+connect_timeout = "1s"
+"#
+    )
+}
+
+/// A sidecar serving in this test's runtime.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub cache: Arc<TokenCache>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    pub async fn start(toml: &str) -> Running {
+        let cfg =
+            from_toml_str(toml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
+        let sidecar = Sidecar::bind(cfg).await.expect("sidecar binds");
+        let addr = sidecar.proxy_addr();
+        let admin = sidecar.admin_addr();
+        let cache = sidecar.cache();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(sidecar.run(async {
+            let _ = rx.await;
+        }));
+        Running {
+            addr,
+            admin,
+            cache,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Waits (bounded) until /readyz says every route has its token.
+    pub async fn wait_ready(&self) {
+        let client = http_client();
+        let url = format!("http://{}/readyz", self.admin);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(r) = client.get(&url).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "sidecar not ready in 15 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+/// A plain client for talking to the sidecar: no proxy from the environment, no redirects.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Token requests made by a sidecar so far, successful or not.
+pub fn fetches(cache: &TokenCache) -> u64 {
+    cache.fetches()
+}
