@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use jsonwebtoken::Algorithm;
 
 use crate::config::{self, Config};
 
@@ -250,12 +251,15 @@ fn keygen(alg: &str, out: &Path, force: bool) -> ExitCode {
         eprintln!("keygen: {e}");
         return ExitCode::FAILURE;
     }
-    eprintln!(
-        "wrote {} ({:?}, kid {})",
-        out.display(),
-        key.alg(),
-        key.kid()
-    );
+    let name = crate::key::alg_name(alg);
+    eprintln!("wrote {} ({name}, kid {})", out.display(), key.kid());
+    // A PEM cannot carry the algorithm; only RS256 (RSA), ES256, ES384 and EdDSA are derived.
+    if !matches!(
+        alg,
+        Algorithm::RS256 | Algorithm::ES256 | Algorithm::ES384 | Algorithm::EdDSA
+    ) {
+        eprintln!("set token.signing_alg = \"{name}\" in sidecar.toml to sign with {name}");
+    }
     let set = serde_json::json!({ "keys": [key.public_jwk()] });
     println!("{}", serde_json::to_string_pretty(&set).unwrap_or_default());
     ExitCode::SUCCESS

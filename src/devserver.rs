@@ -529,3 +529,251 @@ fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assertion::{AssertionClaims as Claims, claims, new_jti};
+    use http_body_util::BodyExt;
+
+    const NOW: u64 = 1_800_000_000;
+    const TOKEN_URL: &str = "http://127.0.0.1:4444/oauth2/token";
+
+    fn client_key(kid: &str) -> SigningKey {
+        let (pem, _) = SigningKey::generate(Algorithm::ES256).unwrap();
+        SigningKey::from_bytes(pem.expose().as_bytes(), None, Some(kid)).unwrap()
+    }
+
+    fn state(registered: &SigningKey) -> State {
+        State {
+            issuer: "http://127.0.0.1:4444".into(),
+            token_url: TOKEN_URL.into(),
+            key: SigningKey::generate(Algorithm::ES256).unwrap().1,
+            clients: HashMap::from([(
+                "svc".to_string(),
+                DevClient {
+                    client_id: "svc".into(),
+                    jwks: json!({ "keys": [registered.public_jwk()] }),
+                    scopes: BTreeSet::from(["a".to_string(), "b".to_string()]),
+                    audiences: BTreeSet::from(["https://api.example".to_string()]),
+                },
+            )]),
+            token_ttl: Duration::from_secs(300),
+            seen_jti: Mutex::new(HashMap::new()),
+            token_requests: AtomicU64::new(0),
+        }
+    }
+
+    fn form(assertion: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+        let mut f = url::form_urlencoded::Serializer::new(String::new());
+        f.append_pair("grant_type", "client_credentials");
+        f.append_pair("client_id", "svc");
+        f.append_pair("client_assertion_type", ASSERTION_TYPE);
+        f.append_pair("client_assertion", assertion);
+        for (k, v) in extra {
+            f.append_pair(k, v);
+        }
+        f.finish().into_bytes()
+    }
+
+    fn good_claims() -> Claims {
+        claims("svc", TOKEN_URL, new_jti(), NOW, Duration::from_secs(60))
+    }
+
+    async fn call(s: &State, body: &[u8]) -> (u16, serde_json::Value) {
+        let resp = token(s, body, NOW);
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn issues_an_rfc9068_token_for_a_valid_assertion() {
+        let key = client_key("k1");
+        let s = state(&key);
+        let a = key.sign(&good_claims()).unwrap();
+        let (status, body) = call(
+            &s,
+            &form(
+                a.expose(),
+                &[("scope", "b a"), ("audience", "https://api.example")],
+            ),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["token_type"], "Bearer");
+        assert_eq!(body["expires_in"], 300);
+        let at = body["access_token"].as_str().unwrap();
+        let header = jsonwebtoken::decode_header(at).unwrap();
+        assert_eq!(header.typ.as_deref(), Some("at+jwt"));
+        let jwk: Jwk = serde_json::from_value(s.key.public_jwk()).unwrap();
+        let mut v = Validation::new(header.alg);
+        v.set_audience(&["https://api.example"]);
+        v.validate_exp = false;
+        let c = jsonwebtoken::decode::<serde_json::Value>(
+            at,
+            &DecodingKey::from_jwk(&jwk).unwrap(),
+            &v,
+        )
+        .unwrap()
+        .claims;
+        assert_eq!(c["scope"], "a b");
+        assert_eq!(c["client_id"], "svc");
+        assert_eq!(c["exp"], NOW + 300);
+
+        // RFC 8707 form works the same.
+        let a = key.sign(&good_claims()).unwrap();
+        let (status, _) = call(
+            &s,
+            &form(a.expose(), &[("resource", "https://api.example")]),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+
+    #[tokio::test]
+    async fn rejects_bad_assertions_with_invalid_client() {
+        let key = client_key("k1");
+        let s = state(&key);
+
+        // Replay: the same assertion twice.
+        let a = key.sign(&good_claims()).unwrap();
+        assert_eq!(call(&s, &form(a.expose(), &[])).await.0, 200);
+        let (status, body) = call(&s, &form(a.expose(), &[])).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_client"))
+        );
+        assert!(body["error_description"].as_str().unwrap().contains("jti"));
+
+        let cases: Vec<(&str, Claims, SigningKey)> = vec![
+            (
+                "wrong aud",
+                claims(
+                    "svc",
+                    "http://127.0.0.1:4444",
+                    new_jti(),
+                    NOW,
+                    Duration::from_secs(60),
+                ),
+                client_key("k1"),
+            ),
+            (
+                "expired",
+                claims(
+                    "svc",
+                    TOKEN_URL,
+                    new_jti(),
+                    NOW - 120,
+                    Duration::from_secs(60),
+                ),
+                client_key("k1"),
+            ),
+            (
+                "iat in the future",
+                claims(
+                    "svc",
+                    TOKEN_URL,
+                    new_jti(),
+                    NOW + 5,
+                    Duration::from_secs(60),
+                ),
+                client_key("k1"),
+            ),
+            (
+                "too long-lived",
+                claims("svc", TOKEN_URL, new_jti(), NOW, Duration::from_secs(7200)),
+                client_key("k1"),
+            ),
+            (
+                "short jti",
+                claims("svc", TOKEN_URL, "x".into(), NOW, Duration::from_secs(60)),
+                client_key("k1"),
+            ),
+        ];
+        for (what, c, _) in &cases {
+            let a = key.sign(c).unwrap();
+            let (status, body) = call(&s, &form(a.expose(), &[])).await;
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (401, Some("invalid_client")),
+                "{what}: {body}"
+            );
+        }
+
+        // Signed by another key that claims the registered kid.
+        let impostor = client_key("k1");
+        let a = impostor.sign(&good_claims()).unwrap();
+        let (status, body) = call(&s, &form(a.expose(), &[])).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_client"))
+        );
+        assert!(
+            body["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("signature"),
+            "{body}"
+        );
+
+        // Unknown client.
+        let mut c = good_claims();
+        c.iss = "nobody".into();
+        c.sub = "nobody".into();
+        let a = key.sign(&c).unwrap();
+        let body = String::from_utf8(form(a.expose(), &[]))
+            .unwrap()
+            .replace("client_id=svc", "client_id=nobody");
+        let (status, body) = call(&s, body.as_bytes()).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_client")),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn rejects_what_the_client_may_not_ask_for() {
+        let key = client_key("k1");
+        let s = state(&key);
+        let a = key.sign(&good_claims()).unwrap();
+        let (status, body) = call(&s, &form(a.expose(), &[("scope", "a admin")])).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_scope"))
+        );
+        let a = key.sign(&good_claims()).unwrap();
+        let (status, body) = call(
+            &s,
+            &form(a.expose(), &[("audience", "https://other.example")]),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_target"))
+        );
+        let body = form(a.expose(), &[]);
+        let body = String::from_utf8(body)
+            .unwrap()
+            .replace("client_credentials", "password");
+        let (status, body) = call(&s, body.as_bytes()).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("unsupported_grant_type"))
+        );
+    }
+
+    #[tokio::test]
+    async fn binds_loopback_only() {
+        let err = DevServer::start(DevServerConfig {
+            listen: "0.0.0.0:0".parse().unwrap(),
+            clients: vec![],
+            token_ttl: Duration::from_secs(60),
+        })
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(err, DevServerError::NotLoopback(_)));
+    }
+}

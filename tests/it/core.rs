@@ -3,36 +3,23 @@
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::support::authz::{AuthzConfig, ClientReg, OidcProvider, ResourceReg};
+use crate::against_both;
+use crate::support::idp::{BILLING, Idp, Kind, ORDERS};
 use crate::support::upstream::Upstream;
-use crate::support::{CLIENT_ID, Running, config, fixture, http_client, public_jwks, route};
+use crate::support::{CLIENT_ID, Running, config, fixture, http_client, route};
 
-const ORDERS: &str = "https://orders.example.com";
-const BILLING: &str = "https://billing.example.com";
+against_both!(
+    upstream_receives_a_verified_token_and_the_request_intact,
+    every_key_format_and_algorithm_family_gets_a_token,
+    tokens_are_per_scope_and_audience_set,
+    concurrent_misses_make_one_token_request,
+    short_lived_tokens_are_refreshed_ahead_without_blocking_requests,
+    rejections_from_the_real_server_are_502_token_rejected,
+);
 
-/// A provider that knows our client (with `key_file`'s public key) and two resource servers.
-async fn provider(key_file: &str, alg: Option<&str>, ttl_secs: u64) -> OidcProvider {
-    OidcProvider::start(&AuthzConfig {
-        clients: vec![ClientReg {
-            client_id: CLIENT_ID.into(),
-            jwks: public_jwks(key_file, alg),
-            scope: "orders:read orders:write billing:read".into(),
-        }],
-        resources: vec![
-            ResourceReg {
-                audience: ORDERS.into(),
-                scope: "orders:read orders:write".into(),
-                ttl_secs,
-            },
-            ResourceReg {
-                audience: BILLING.into(),
-                scope: "billing:read".into(),
-                ttl_secs,
-            },
-        ],
-        default_ttl_secs: ttl_secs,
-    })
-    .await
+/// A server that knows our client (with `key_file`'s public key) and two resource servers.
+async fn provider(kind: Kind, key_file: &str, alg: Option<&str>, ttl_secs: u64) -> Idp {
+    Idp::start(kind, key_file, alg, Duration::from_secs(ttl_secs)).await
 }
 
 fn scopes_of(claims: &serde_json::Value) -> HashSet<String> {
@@ -59,12 +46,11 @@ fn aud_of(claims: &serde_json::Value) -> Vec<String> {
 /// Test 1: the upstream gets a verifiable token for the route's scopes and audience, and the
 /// request arrives intact (prefix stripped, query and body unchanged, caller's Authorization and
 /// hop-by-hop headers gone, Host set to the upstream).
-#[tokio::test]
-async fn upstream_receives_a_verified_token_and_the_request_intact() {
-    let idp = provider("ec_p256_sec1.pem", None, 300).await;
+async fn upstream_receives_a_verified_token_and_the_request_intact(kind: Kind) {
+    let idp = provider(kind, "ec_p256_sec1.pem", None, 300).await;
     let up = Upstream::start().await;
     let sc = Running::start(&config(
-        &idp.token_url,
+        &idp.token_url(),
         &fixture("ec_p256_sec1.pem"),
         "",
         &route(
@@ -132,8 +118,7 @@ async fn upstream_receives_a_verified_token_and_the_request_intact() {
 }
 
 /// Test 2: one key per algorithm family gets a token from the real server.
-#[tokio::test]
-async fn every_key_format_and_algorithm_family_gets_a_token() {
+async fn every_key_format_and_algorithm_family_gets_a_token(kind: Kind) {
     let cases: &[(&str, Option<&str>)] = &[
         ("rsa_pkcs1.pem", None),          // RS256, PKCS#1 PEM
         ("rsa_pkcs8.pem", Some("PS256")), // PS256, PKCS#8 PEM
@@ -147,12 +132,12 @@ async fn every_key_format_and_algorithm_family_gets_a_token() {
     ];
     let up = Upstream::start().await;
     for (file, alg) in cases {
-        let idp = provider(file, *alg, 300).await;
+        let idp = provider(kind, file, *alg, 300).await;
         let extra = alg
             .map(|a| format!("signing_alg = \"{a}\""))
             .unwrap_or_default();
         let sc = Running::start(&config(
-            &idp.token_url,
+            &idp.token_url(),
             &fixture(file),
             &extra,
             &route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
@@ -173,9 +158,8 @@ async fn every_key_format_and_algorithm_family_gets_a_token() {
 }
 
 /// Test 3: different (scope, audience) sets get different tokens; equal sets share one.
-#[tokio::test]
-async fn tokens_are_per_scope_and_audience_set() {
-    let idp = provider("ec_p256_sec1.pem", None, 300).await;
+async fn tokens_are_per_scope_and_audience_set(kind: Kind) {
+    let idp = provider(kind, "ec_p256_sec1.pem", None, 300).await;
     let up = Upstream::start().await;
     let routes = [
         route("read", "/read/", &up.url(), &["orders:read"], &[ORDERS]),
@@ -204,7 +188,7 @@ async fn tokens_are_per_scope_and_audience_set() {
     ]
     .concat();
     let sc = Running::start(&config(
-        &idp.token_url,
+        &idp.token_url(),
         &fixture("ec_p256_sec1.pem"),
         "",
         &routes,
@@ -245,12 +229,11 @@ async fn tokens_are_per_scope_and_audience_set() {
 }
 
 /// Test 4: 500 concurrent requests on an empty cache cause exactly one token request.
-#[tokio::test]
-async fn concurrent_misses_make_one_token_request() {
-    let idp = provider("ec_p256_sec1.pem", None, 300).await;
+async fn concurrent_misses_make_one_token_request(kind: Kind) {
+    let idp = provider(kind, "ec_p256_sec1.pem", None, 300).await;
     let up = Upstream::start().await;
     let sc = Running::start(&config(
-        &idp.token_url,
+        &idp.token_url(),
         &fixture("ec_p256_sec1.pem"),
         "",
         &route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
@@ -287,12 +270,11 @@ async fn concurrent_misses_make_one_token_request() {
 /// Test 5: with 5-second tokens, 20 s of steady traffic: no failure, no request waits on the
 /// token endpoint once the first token is cached, and every request carries a token that is
 /// still at least `expiry_skew` from its expiry (so refreshes happened ahead of time).
-#[tokio::test]
-async fn short_lived_tokens_are_refreshed_ahead_without_blocking_requests() {
-    let idp = provider("ec_p256_sec1.pem", None, 5).await;
+async fn short_lived_tokens_are_refreshed_ahead_without_blocking_requests(kind: Kind) {
+    let idp = provider(kind, "ec_p256_sec1.pem", None, 5).await;
     let up = Upstream::start().await;
     let sc = Running::start(&config(
-        &idp.token_url,
+        &idp.token_url(),
         &fixture("ec_p256_sec1.pem"),
         "refresh_before_expiry = \"2s\"\nexpiry_skew = \"1s\"",
         &route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
@@ -357,13 +339,12 @@ async fn short_lived_tokens_are_refreshed_ahead_without_blocking_requests() {
 
 /// Test 6 (real server part): a refused client and a refused scope are 502 `token_rejected`
 /// naming the server's code, and nothing reaches the upstream.
-#[tokio::test]
-async fn rejections_from_the_real_server_are_502_token_rejected() {
+async fn rejections_from_the_real_server_are_502_token_rejected(kind: Kind) {
     // The server knows the client by another key: every assertion fails verification.
-    let idp = provider("ec_p384_sec1.pem", None, 300).await;
+    let idp = provider(kind, "ec_p384_sec1.pem", None, 300).await;
     let up = Upstream::start().await;
     let sc = Running::start(&config(
-        &idp.token_url,
+        &idp.token_url(),
         &fixture("ec_p256_sec1.pem"),
         "",
         &route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
@@ -384,9 +365,9 @@ async fn rejections_from_the_real_server_are_502_token_rejected() {
     );
     sc.stop().await;
 
-    let idp = provider("ec_p256_sec1.pem", None, 300).await;
+    let idp = provider(kind, "ec_p256_sec1.pem", None, 300).await;
     let sc = Running::start(&config(
-        &idp.token_url,
+        &idp.token_url(),
         &fixture("ec_p256_sec1.pem"),
         "",
         &route(

@@ -8,6 +8,7 @@ mod support;
 
 mod cli;
 mod core;
+mod dev;
 mod faults;
 mod routing;
 mod streaming;

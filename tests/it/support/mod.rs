@@ -5,6 +5,7 @@
 
 pub mod authz;
 pub mod faults;
+pub mod idp;
 pub mod upstream;
 
 use std::net::SocketAddr;
