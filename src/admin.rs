@@ -1,5 +1,6 @@
-//! The admin listener: `/healthz` (the process serves) and `/readyz` (every route has a usable
-//! token). Kept apart from the proxy listener so probes never compete with application traffic.
+//! The admin listener: `/healthz` (the process serves), `/readyz` (every route has a usable
+//! token) and `/metrics` (Prometheus text format). Kept apart from the proxy listener so probes
+//! and scrapes never compete with application traffic.
 
 use std::sync::Arc;
 
@@ -9,18 +10,18 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::cache::TokenCache;
+use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyBody};
 use crate::respond::json_response;
 
 pub struct Admin {
     proxy: Arc<Proxy>,
-    cache: Arc<TokenCache>,
+    metrics: Arc<Metrics>,
 }
 
 impl Admin {
-    pub fn new(proxy: Arc<Proxy>, cache: Arc<TokenCache>) -> Admin {
-        Admin { proxy, cache }
+    pub fn new(proxy: Arc<Proxy>, metrics: Arc<Metrics>) -> Admin {
+        Admin { proxy, metrics }
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -34,6 +35,16 @@ impl Admin {
         let resp = match req.uri().path() {
             "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
             "/readyz" => self.readyz(),
+            "/metrics" => {
+                let mut r = Response::new(http_body_util::Full::new(bytes::Bytes::from(
+                    self.metrics.render(),
+                )));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
             _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not_found"})),
         };
         resp.map(Either::Right)
@@ -49,7 +60,6 @@ impl Admin {
                 waiting.push(json!({"route": &*route.name, "reason": reason}));
             }
         }
-        let _ = &self.cache;
         if waiting.is_empty() {
             json_response(StatusCode::OK, &json!({"status": "ready"}))
         } else {

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::backoff;
 use crate::config::TokenConfig;
+use crate::metrics::{FetchOutcome, TokenMetrics};
 use crate::token::{AccessToken, TokenKey};
 use crate::token_client::{FetchError, TokenClient};
 
@@ -86,16 +87,18 @@ pub struct CachedToken {
     pub fetched_at: Instant,
     pub refresh_due: Instant,
     pub usable_until: Instant,
+    pub expires_at: Instant,
 }
 
 impl CachedToken {
     fn new(token: AccessToken, fetched_at: Instant, policy: &Policy) -> CachedToken {
         let s = schedule(token.lifetime, policy);
         CachedToken {
-            token,
             fetched_at,
             refresh_due: fetched_at + s.refresh_due,
             usable_until: fetched_at + s.usable_for,
+            expires_at: fetched_at + token.lifetime,
+            token,
         }
     }
 
@@ -125,17 +128,44 @@ struct State {
     last_error: Option<Arc<FetchError>>,
 }
 
-/// Counters for one slot (exported as metrics by the admin listener).
+/// Counters for one slot (exported as metrics at scrape time).
 #[derive(Debug, Default)]
 pub struct SlotStats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    refreshes: AtomicU64,
+    fetch_ok: AtomicU64,
+    fetch_failed: AtomicU64,
+}
+
+impl SlotStats {
     /// Requests served from a usable cached token.
-    pub hits: AtomicU64,
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
     /// Requests that had to wait for the token endpoint.
-    pub misses: AtomicU64,
-    /// Token requests that succeeded.
-    pub fetch_ok: AtomicU64,
-    /// Token requests that failed.
-    pub fetch_failed: AtomicU64,
+    pub fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+    /// Fetches started while a token was cached.
+    pub fn refreshes(&self) -> u64 {
+        self.refreshes.load(Ordering::Relaxed)
+    }
+    /// Token requests that succeeded / failed.
+    pub fn fetches(&self) -> (u64, u64) {
+        (
+            self.fetch_ok.load(Ordering::Relaxed),
+            self.fetch_failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A token handed to a request, and whether it came straight from the cache.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub token: Arc<CachedToken>,
+    /// False when the request had to wait for the token endpoint.
+    pub cached: bool,
 }
 
 /// One (scope set, audience set) and its token.
@@ -177,15 +207,29 @@ impl Slot {
     }
 
     /// A usable token, waiting for the refresher only when none is cached.
-    pub async fn token(&self) -> Result<Arc<CachedToken>, TokenError> {
+    pub async fn token(&self) -> Result<Lease, TokenError> {
         if let Some(t) = self.current.load_full()
             && t.is_usable(Instant::now())
         {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(t);
+            return Ok(Lease {
+                token: t,
+                cached: true,
+            });
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        self.wait_for_token().await
+        self.wait_for_token().await.map(|token| Lease {
+            token,
+            cached: false,
+        })
+    }
+
+    /// How long until the cached token expires, if one is cached and not yet expired.
+    pub fn expires_in(&self, now: Instant) -> Option<Duration> {
+        self.current
+            .load()
+            .as_ref()
+            .and_then(|t| t.expires_at.checked_duration_since(now))
     }
 
     async fn wait_for_token(&self) -> Result<Arc<CachedToken>, TokenError> {
@@ -228,6 +272,12 @@ impl Slot {
             .compare_and_swap(&Some(token.clone()), None::<Arc<CachedToken>>);
         if prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, token)) {
             tracing::info!(key = %self.key, "token evicted after the upstream rejected it");
+            // Fetch now rather than after an earlier failure's backoff: the requests waiting
+            // for the replacement would otherwise fail with that stale error.
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.retry_at = None;
+            st.last_error = None;
+            drop(st);
             self.wake.notify_one();
         }
     }
@@ -261,7 +311,7 @@ impl Slot {
         }
     }
 
-    async fn refresh_loop(self: Arc<Self>, client: Arc<TokenClient>) {
+    async fn refresh_loop(self: Arc<Self>, client: Arc<TokenClient>, metrics: TokenMetrics) {
         loop {
             let now = Instant::now();
             let next = self.next_fetch_at(now);
@@ -276,8 +326,18 @@ impl Slot {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .fetching = true;
+            if self.current.load().is_some() {
+                self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+            }
             let started = Instant::now();
             let result = client.fetch(&self.key).await;
+            metrics.fetched(
+                match &result {
+                    Ok(_) => FetchOutcome::Ok,
+                    Err(e) => e.outcome(),
+                },
+                started.elapsed(),
+            );
             {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 st.fetching = false;
@@ -349,6 +409,7 @@ impl TokenCache {
         keys: impl IntoIterator<Item = TokenKey>,
         client: Arc<TokenClient>,
         policy: Policy,
+        metrics: TokenMetrics,
     ) -> TokenCache {
         let mut slots: Vec<Arc<Slot>> = Vec::new();
         for key in keys {
@@ -358,7 +419,7 @@ impl TokenCache {
         }
         let tasks = slots
             .iter()
-            .map(|s| tokio::spawn(s.clone().refresh_loop(client.clone())))
+            .map(|s| tokio::spawn(s.clone().refresh_loop(client.clone(), metrics.clone())))
             .collect();
         TokenCache { slots, tasks }
     }

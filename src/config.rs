@@ -57,6 +57,9 @@ pub struct ProxyConfig {
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish before they are cut.
     #[serde(with = "duration_str")]
     pub shutdown_grace: Duration,
+    /// Request bodies of known size up to this many bytes are kept for one replay after the
+    /// upstream rejects the token; larger ones stream and a 401 goes back unchanged.
+    pub retry_body_limit: usize,
 }
 
 impl Default for ProxyConfig {
@@ -68,6 +71,7 @@ impl Default for ProxyConfig {
             max_header_bytes: 65536,
             max_headers: 100,
             shutdown_grace: Duration::from_secs(20),
+            retry_body_limit: 65536,
         }
     }
 }
@@ -213,6 +217,10 @@ pub struct RouteConfig {
     /// Extra CA certificates (PEM) trusted for this upstream, on top of the system roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Treat any 401 from the upstream as a rejected token (evict, replay once), not only a
+    /// `WWW-Authenticate: Bearer error="invalid_token"` challenge.
+    #[serde(default)]
+    pub retry_on_401: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -224,10 +232,21 @@ pub enum LogFormat {
 }
 
 /// `[log]`. The level comes from `RUST_LOG` (default `info`).
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub format: LogFormat,
+    /// One `info` event per request (target `token_sidecar::access`).
+    pub access_log: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            access_log: true,
+        }
+    }
 }
 
 mod defaults {

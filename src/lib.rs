@@ -26,7 +26,8 @@
 //! - [`upstream`] — the pooled HTTP/1.1 + HTTP/2 client per route.
 //! - [`tls`] — trust roots and extra CA files.
 //! - [`respond`] — the one place where errors become SPEC §5 responses.
-//! - [`admin`] — `/healthz`, `/readyz`.
+//! - [`admin`] — `/healthz`, `/readyz`, `/metrics`.
+//! - [`metrics`] — Prometheus metrics, resolved per route at start-up.
 //!
 //! Development:
 //! - [`devserver`] — the embedded, strict development authorization server.
@@ -42,6 +43,7 @@ pub mod config;
 pub mod dev;
 pub mod devserver;
 pub mod key;
+pub mod metrics;
 pub mod proxy;
 pub mod respond;
 pub mod routes;

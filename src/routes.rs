@@ -14,6 +14,7 @@ use http::{HeaderValue, Uri};
 
 use crate::cache::Slot;
 use crate::config::RouteConfig;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::token::TokenKey;
 
 /// A route as the proxy uses it.
@@ -32,6 +33,9 @@ pub struct Route {
     pub token_key: TokenKey,
     /// Filled in once the cache exists.
     pub slot: Option<Arc<Slot>>,
+    /// Evict and replay on any 401, not only on a Bearer `invalid_token` challenge.
+    pub retry_on_401: bool,
+    pub metrics: RouteMetrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +46,7 @@ pub struct RouteError {
 }
 
 impl Route {
-    pub fn from_config(cfg: &RouteConfig) -> Result<Route, RouteError> {
+    pub fn from_config(cfg: &RouteConfig, metrics: &Metrics) -> Result<Route, RouteError> {
         let err = |message: String| RouteError {
             route: cfg.name.clone(),
             message,
@@ -72,6 +76,8 @@ impl Route {
             upstream_base_path: uri.path().trim_end_matches('/').to_string(),
             token_key: TokenKey::new(&cfg.scope, &cfg.audience),
             slot: None,
+            retry_on_401: cfg.retry_on_401,
+            metrics: metrics.route(&cfg.name),
         })
     }
 
@@ -211,10 +217,11 @@ mod tests {
             "[token]\ntoken_url = \"https://idp/t\"\nclient_id = \"c\"\nauth_method = \"client_secret_post\"\nclient_secret = \"s\"\n{routes}"
         ))
         .unwrap();
+        let metrics = Metrics::new();
         let routes: Vec<Route> = cfg
             .route
             .iter()
-            .map(|r| Route::from_config(r).unwrap())
+            .map(|r| Route::from_config(r, &metrics).unwrap())
             .collect();
         let dedicated: Vec<bool> = cfg.route.iter().map(|r| r.listen.is_some()).collect();
         RouteTable::new(routes, &dedicated)

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Admin;
 use crate::cache::{Policy, TokenCache};
 use crate::config::{Config, ProxyConfig};
+use crate::metrics::Metrics;
 use crate::proxy::{Listener, Proxy, ProxyBody};
 use crate::routes::{Route, RouteError, RouteTable};
 use crate::tls::TlsError;
@@ -57,6 +58,7 @@ pub struct Sidecar {
     config: Config,
     proxy: Arc<Proxy>,
     cache: Arc<TokenCache>,
+    metrics: Arc<Metrics>,
     main: TcpListener,
     dedicated: Vec<(usize, TcpListener)>,
     admin: TcpListener,
@@ -93,10 +95,11 @@ impl Sidecar {
         config: Config,
         client: Arc<TokenClient>,
     ) -> Result<Sidecar, StartError> {
+        let metrics = Arc::new(Metrics::new());
         let mut routes = Vec::with_capacity(config.route.len());
         let mut upstreams = Vec::with_capacity(config.route.len());
         for r in &config.route {
-            routes.push(Route::from_config(r)?);
+            routes.push(Route::from_config(r, &metrics)?);
             upstreams.push(Upstream::new(r).map_err(|source| StartError::Tls {
                 route: r.name.clone(),
                 source,
@@ -115,19 +118,30 @@ impl Sidecar {
             routes.iter().map(|r| r.token_key.clone()),
             client,
             Policy::from_config(&config.token),
+            metrics.token(),
         ));
         for r in &mut routes {
             r.slot = cache.slot(&r.token_key);
         }
+        metrics.watch_routes(
+            routes
+                .iter()
+                .filter_map(|r| Some((r.name.to_string(), r.slot.clone()?)))
+                .collect(),
+        );
         let is_dedicated: Vec<bool> = config.route.iter().map(|r| r.listen.is_some()).collect();
         let proxy = Arc::new(Proxy {
             table: RouteTable::new(routes, &is_dedicated),
             upstreams,
+            retry_body_limit: config.proxy.retry_body_limit,
+            access_log: config.log.access_log,
+            unmatched: metrics.route("-"),
         });
         Ok(Sidecar {
             config,
             proxy,
             cache,
+            metrics,
             main,
             dedicated,
             admin,
@@ -158,12 +172,16 @@ impl Sidecar {
         self.cache.clone()
     }
 
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     /// Serves until `shutdown` resolves, then drains for up to `shutdown_grace`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let stop = CancellationToken::new();
         let graceful = Arc::new(GracefulShutdown::new());
         let limits = &self.config.proxy;
-        let admin = Arc::new(Admin::new(self.proxy.clone(), self.cache.clone()));
+        let admin = Arc::new(Admin::new(self.proxy.clone(), self.metrics.clone()));
 
         let mut loops = Vec::new();
         let main_addr = self.proxy_addr();

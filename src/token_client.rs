@@ -64,6 +64,18 @@ impl FetchError {
         }
     }
 
+    /// How the fetch is counted in metrics.
+    pub fn outcome(&self) -> crate::metrics::FetchOutcome {
+        use crate::metrics::FetchOutcome;
+        match self {
+            _ if self.kind() == FailureKind::Rejected => FetchOutcome::Rejected,
+            FetchError::Response(ResponseError::Malformed { status: 200, .. }) => {
+                FetchOutcome::Invalid
+            }
+            _ => FetchOutcome::Unavailable,
+        }
+    }
+
     /// The server's own error code, when it sent one.
     pub fn oauth_code(&self) -> Option<&str> {
         match self {

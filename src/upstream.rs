@@ -13,7 +13,11 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::RouteConfig;
 use crate::tls::{self, TlsError};
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+/// A request body to the upstream: streamed from the downstream, or buffered (small bodies,
+/// kept for a replay after a 401).
+pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// A route's upstream connection pool and its timeouts.
 #[derive(Debug, Clone)]

