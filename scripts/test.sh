@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 echo "== npm ci (tests/authz: oidc-provider)"
 npm ci --prefix tests/authz --no-audit --no-fund --loglevel=error
 
+echo "== deploy/ manifests (kustomize render, kubernetes-validate, check-config)"
+bash scripts/validate-manifests.sh
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

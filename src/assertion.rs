@@ -71,6 +71,31 @@ pub fn sign(
     key.sign(&claims(client_id, audience, new_jti(), now, lifetime))
 }
 
+/// Like [`sign`], tolerating a token endpoint whose clock differs from ours by up to
+/// `clock_tolerance`: `iat` is set that far in the past, so a server running behind never sees it
+/// in its future (Hydra allows no skew), and `exp` stays `lifetime` after our now, so a server
+/// running ahead still sees it unexpired as long as `lifetime` exceeds the tolerance.
+pub fn sign_tolerant(
+    key: &SigningKey,
+    client_id: &str,
+    audience: &str,
+    lifetime: Duration,
+    clock_tolerance: Duration,
+) -> Result<Secret<String>, KeyError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let back = clock_tolerance.as_secs().min(now);
+    key.sign(&claims(
+        client_id,
+        audience,
+        new_jti(),
+        now - back,
+        lifetime + Duration::from_secs(back),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,8 +7,9 @@
 //! That gives single flight by construction (any number of waiting requests, one token request),
 //! refresh ahead (the refresher wakes at `refresh_due` while requests keep using the current
 //! token), and a bounded retry rate during an outage (it sleeps through the backoff). Requests
-//! only wait when no usable token exists; they wait for the refresher's next result, bounded by
-//! the token request timeout, and fail fast with the last error while the refresher backs off.
+//! only wait when no usable token exists and no fetch has failed since the last success (start-up,
+//! after an eviction); they wait for the refresher's result, bounded by the token request
+//! timeout. Once a fetch has failed, they fail fast with that error until one succeeds.
 //! The refresher runs in its own task, so an application that disconnects cannot cancel a fetch.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -244,14 +245,17 @@ impl Slot {
                 return Ok(t);
             }
             {
+                // During an outage (the last fetch failed) fail fast with that error instead of
+                // queueing behind the refresher, whose next attempt may take the whole request
+                // timeout; the refresher keeps retrying on its own backoff.
                 let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                if !st.fetching
-                    && let (Some(error), Some(retry_at)) = (&st.last_error, st.retry_at)
-                    && now < retry_at
-                {
+                if let Some(error) = &st.last_error {
+                    let retry_in = st
+                        .retry_at
+                        .map_or(Duration::ZERO, |r| r.saturating_duration_since(now));
                     return Err(TokenError::Fetch {
                         error: error.clone(),
-                        retry_in: retry_at - now,
+                        retry_in,
                     });
                 }
             }

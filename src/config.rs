@@ -141,6 +141,11 @@ pub struct TokenConfig {
     pub assertion_audience: Option<String>,
     #[serde(default = "defaults::assertion_lifetime", with = "duration_str")]
     pub assertion_lifetime: Duration,
+    /// The token endpoint's clock may differ from ours by this much: the assertion's `iat` is
+    /// set this far in the past (a server running behind must not see it in its future) and its
+    /// `exp` stays `assertion_lifetime` ahead (which must exceed this tolerance).
+    #[serde(default = "defaults::clock_skew_tolerance", with = "duration_str")]
+    pub clock_skew_tolerance: Duration,
     /// File holding the client secret (`client_secret_basic` / `client_secret_post`).
     #[serde(default)]
     pub client_secret_file: Option<PathBuf>,
@@ -254,6 +259,9 @@ mod defaults {
 
     pub fn assertion_lifetime() -> Duration {
         Duration::from_secs(60)
+    }
+    pub fn clock_skew_tolerance() -> Duration {
+        Duration::from_secs(30)
     }
     pub fn refresh_at() -> f64 {
         0.8
@@ -536,6 +544,12 @@ impl Config {
             if d.is_zero() {
                 p.add(key, "must be greater than zero");
             }
+        }
+        if t.assertion_lifetime <= t.clock_skew_tolerance {
+            p.add(
+                "token.assertion_lifetime",
+                "must be longer than token.clock_skew_tolerance (a server running ahead would see the assertion expired)",
+            );
         }
         if t.retry_backoff_max < t.retry_backoff_initial {
             p.add(

@@ -14,7 +14,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -67,6 +67,8 @@ struct State {
     /// jti → exp: an assertion id is refused until its assertion has expired.
     seen_jti: Mutex<HashMap<String, u64>>,
     token_requests: AtomicU64,
+    /// Seconds added to the system clock: simulates a server whose clock is off (tests).
+    clock_offset: AtomicI64,
 }
 
 /// A running development authorization server; stops when dropped.
@@ -129,6 +131,7 @@ impl DevServer {
             token_ttl: cfg.token_ttl,
             seen_jti: Mutex::new(HashMap::new()),
             token_requests: AtomicU64::new(0),
+            clock_offset: AtomicI64::new(0),
         });
         let s = state.clone();
         let task = tokio::spawn(async move {
@@ -167,6 +170,12 @@ impl DevServer {
     /// The public JWK Set access tokens verify against.
     pub fn jwks(&self) -> serde_json::Value {
         json!({ "keys": [self.state.key.public_jwk()] })
+    }
+
+    /// Runs the server's clock `secs` ahead of (positive) or behind (negative) the system clock,
+    /// to test how clients cope with clock skew.
+    pub fn set_clock_offset(&self, secs: i64) {
+        self.state.clock_offset.store(secs, Ordering::SeqCst);
     }
 
     /// Token requests received so far (valid or not).
@@ -230,7 +239,8 @@ async fn handle(s: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     );
                 }
             };
-            token(s, &body, unix_now())
+            let now = unix_now().saturating_add_signed(s.clock_offset.load(Ordering::SeqCst));
+            token(s, &body, now)
         }
         (_, "/oauth2/token") => oauth_error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -561,6 +571,7 @@ mod tests {
             token_ttl: Duration::from_secs(300),
             seen_jti: Mutex::new(HashMap::new()),
             token_requests: AtomicU64::new(0),
+            clock_offset: AtomicI64::new(0),
         }
     }
 

@@ -90,6 +90,7 @@ enum ClientAuth {
         key: KeySource,
         audience: String,
         lifetime: Duration,
+        clock_tolerance: Duration,
     },
     SecretBasic(SecretSource),
     SecretPost(SecretSource),
@@ -190,6 +191,7 @@ impl TokenClient {
                         .clone()
                         .unwrap_or_else(|| cfg.token_url.clone()),
                     lifetime: cfg.assertion_lifetime,
+                    clock_tolerance: cfg.clock_skew_tolerance,
                 }
             }
             AuthMethod::ClientSecretBasic => ClientAuth::SecretBasic(secret_source()),
@@ -311,11 +313,17 @@ impl TokenClient {
                 key: source,
                 audience,
                 lifetime,
+                clock_tolerance,
             } => {
                 let signing_key = source.current();
-                let assertion =
-                    crate::assertion::sign(&signing_key, &self.client_id, audience, *lifetime)
-                        .map_err(|e| FetchError::Credentials(e.to_string()))?;
+                let assertion = crate::assertion::sign_tolerant(
+                    &signing_key,
+                    &self.client_id,
+                    audience,
+                    *lifetime,
+                    *clock_tolerance,
+                )
+                .map_err(|e| FetchError::Credentials(e.to_string()))?;
                 form.append_pair("client_id", &self.client_id);
                 form.append_pair("client_assertion_type", ASSERTION_TYPE);
                 form.append_pair("client_assertion", assertion.expose());

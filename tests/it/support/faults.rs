@@ -36,17 +36,44 @@ struct Shared {
     requests: AtomicU64,
     issued: AtomicU64,
     forms: Mutex<Vec<String>>,
+    /// Bumped to close every open connection.
+    closing: tokio::sync::watch::Sender<u64>,
+}
+
+/// Accepts connections until aborted; each connection also ends when `closing` changes.
+fn serve(listener: TcpListener, s: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let s = s.clone();
+            let mut closing = s.closing.subscribe();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let s = s.clone();
+                    async move { Ok::<_, Infallible>(handle(s, req).await) }
+                });
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = closing.changed() => {}
+                }
+            });
+        }
+    })
 }
 
 pub struct FakeTokenEndpoint {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    task: tokio::task::JoinHandle<()>,
+    task: Mutex<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for FakeTokenEndpoint {
     fn drop(&mut self) {
-        self.task.abort();
+        self.task.lock().unwrap().abort();
     }
 }
 
@@ -59,26 +86,29 @@ impl FakeTokenEndpoint {
             requests: AtomicU64::new(0),
             issued: AtomicU64::new(0),
             forms: Mutex::new(Vec::new()),
+            closing: tokio::sync::watch::channel(0).0,
         });
-        let s = shared.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let s = s.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let s = s.clone();
-                        async move { Ok::<_, Infallible>(handle(s, req).await) }
-                    });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let task = Mutex::new(serve(listener, shared.clone()));
         FakeTokenEndpoint { addr, shared, task }
+    }
+
+    /// Closes the listening socket and every open connection: new connections are refused
+    /// until [`Self::resume`].
+    pub fn refuse_connections(&self) {
+        self.task.lock().unwrap().abort();
+        self.shared.closing.send_modify(|g| *g += 1);
+    }
+
+    /// Listens again on the same address.
+    pub async fn resume(&self) {
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                // The aborted task may not have dropped its socket yet.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        *self.task.lock().unwrap() = serve(listener, self.shared.clone());
     }
 
     pub fn token_url(&self) -> String {
@@ -125,6 +155,12 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>>
     let (status, ct, body) = match mode {
         Mode::Issue(ttl) => {
             let n = s.issued.fetch_add(1, Ordering::SeqCst) + 1;
+            // Long and random, like real tokens, so a leak in a log is unambiguous.
+            let n = format!(
+                "{n}-{}{}",
+                token_sidecar::assertion::new_jti(),
+                token_sidecar::assertion::new_jti()
+            );
             (
                 StatusCode::OK,
                 "application/json",

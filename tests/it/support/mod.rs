@@ -6,6 +6,7 @@
 pub mod authz;
 pub mod faults;
 pub mod idp;
+pub mod process;
 pub mod upstream;
 
 use std::net::SocketAddr;

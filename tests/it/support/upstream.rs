@@ -53,6 +53,8 @@ struct Shared {
     received: Mutex<Vec<Received>>,
     first_body_chunk: Notify,
     download_gate: Notify,
+    /// Bearer tokens answered with 401 `invalid_token`.
+    revoked: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A running upstream; stops when dropped.
@@ -125,6 +127,15 @@ impl Upstream {
     /// Resolves when the next request's first body bytes arrive.
     pub async fn first_body_chunk(&self) {
         self.shared.first_body_chunk.notified().await
+    }
+
+    /// From now on, requests carrying `token` get 401 with a Bearer `invalid_token` challenge.
+    pub fn revoke(&self, token: &str) {
+        self.shared
+            .revoked
+            .lock()
+            .unwrap()
+            .insert(token.to_string());
     }
 
     /// Lets a `/download/...` response send the rest of its body.
@@ -212,6 +223,20 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     }
     if received.body_len <= 1 << 20 {
         received.body = Some(Bytes::from(kept));
+    }
+    let revoked = received
+        .bearer()
+        .is_some_and(|t| s.revoked.lock().unwrap().contains(&t));
+    if revoked || path == "/always-401" {
+        s.received.lock().unwrap().push(received);
+        let mut r = full(StatusCode::UNAUTHORIZED, "token rejected");
+        r.headers_mut().insert(
+            "www-authenticate",
+            r#"Bearer realm="test", error="invalid_token", error_description="revoked""#
+                .parse()
+                .unwrap(),
+        );
+        return r;
     }
     let summary = serde_json::json!({
         "method": received.method,

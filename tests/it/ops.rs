@@ -1,0 +1,433 @@
+//! Issue 4: metrics, readiness, log redaction, key rotation.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
+
+use crate::support::faults::{FakeTokenEndpoint, Mode};
+use crate::support::idp::ORDERS;
+use crate::support::upstream::Upstream;
+use crate::support::{Running, config, fixture, http_client, route};
+
+async fn get_text(url: &str) -> (u16, String) {
+    let r = http_client().get(url).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// The value of one sample line `name{labels} value` in a Prometheus text exposition.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_requests_tokens_and_cache_with_bounded_labels() {
+    let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
+    let up = Upstream::start().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let routes = [
+        route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
+        route("down", "/down/", &closed, &["orders:read"], &[ORDERS]),
+    ]
+    .concat();
+    let sc = Running::start(&config(
+        &idp.token_url(),
+        &fixture("ec_p256_sec1.pem"),
+        "",
+        &routes,
+    ))
+    .await;
+    sc.wait_ready().await;
+    let client = http_client();
+    for _ in 0..3 {
+        assert_eq!(
+            client
+                .get(sc.url("/orders/1?secret=x"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    assert_eq!(
+        client
+            .get(sc.url("/nowhere"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        client.get(sc.url("/down/1")).send().await.unwrap().status(),
+        502
+    );
+
+    let (status, m) = get_text(&format!("http://{}/metrics", sc.admin)).await;
+    assert_eq!(status, 200);
+    eprintln!("--- /metrics sample ---\n{m}");
+    let v = |series: &str| sample(&m, series).unwrap_or_else(|| panic!("no {series} in\n{m}"));
+    assert_eq!(
+        v(r#"token_sidecar_requests_total{route="orders",status="2xx"}"#),
+        3.0
+    );
+    assert_eq!(
+        v(r#"token_sidecar_requests_total{route="-",status="4xx"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"token_sidecar_requests_total{route="down",status="5xx"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"token_sidecar_upstream_connection_errors_total{route="down"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"token_sidecar_request_duration_seconds_count{route="orders"}"#),
+        3.0
+    );
+    // Both routes share one (scope, audience) set: one fetch.
+    assert_eq!(v(r#"token_sidecar_token_fetches_total{outcome="ok"}"#), 1.0);
+    assert_eq!(
+        v(r#"token_sidecar_token_fetches_total{outcome="rejected"}"#),
+        0.0
+    );
+    assert_eq!(v("token_sidecar_token_fetch_duration_seconds_count"), 1.0);
+    assert_eq!(v("token_sidecar_cache_hits_total"), 4.0);
+    assert_eq!(v("token_sidecar_cache_misses_total"), 0.0);
+    let expiry = v(r#"token_sidecar_token_expiry_seconds{route="orders"}"#);
+    assert!(expiry > 290.0 && expiry <= 300.0, "{expiry}");
+    assert_eq!(
+        v(r#"token_sidecar_token_refresh_failing{route="orders"}"#),
+        0.0
+    );
+    // Bounded labels: no scopes, audiences, paths or query strings.
+    for leak in ["orders:read", ORDERS, "/orders/", "secret=x", "nowhere"] {
+        assert!(!m.contains(leak), "{leak} appears in the metrics");
+    }
+    sc.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_follows_the_tokens() {
+    let idp = FakeTokenEndpoint::start(Mode::Status500).await;
+    let up = Upstream::start().await;
+    let sc = Running::start(&config(
+        &idp.token_url(),
+        &fixture("ec_p256_sec1.pem"),
+        "request_timeout = \"1s\"\nretry_backoff_max = \"300ms\"\nexpiry_skew = \"1s\"",
+        &route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
+    ))
+    .await;
+    let readyz = format!("http://{}/readyz", sc.admin);
+    let healthz = format!("http://{}/healthz", sc.admin);
+
+    // No token yet: 503 naming the route, first "no token yet", then the failure.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = get_text(&readyz).await;
+        assert_eq!(status, 503, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["waiting"][0]["route"], "orders");
+        if json["waiting"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("500")
+        {
+            eprintln!("/readyz while the endpoint fails: {status} {body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get_text(&healthz).await.0, 200);
+
+    // The endpoint recovers with 3 s tokens: ready.
+    idp.set_mode(Mode::Issue(Duration::from_secs(3)));
+    sc.wait_ready().await;
+    let (status, body) = get_text(&readyz).await;
+    eprintln!("/readyz once a token is cached: {status} {body}");
+    let ready_at = Instant::now();
+
+    // It fails again; once the token can no longer be used, not ready any more.
+    idp.set_mode(Mode::Status500);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let (status, body) = get_text(&readyz).await;
+        if status == 503 {
+            eprintln!("/readyz after the token expired: {status} {body}");
+            assert!(
+                ready_at.elapsed() >= Duration::from_millis(1500),
+                "went unready too early"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still ready 6 s after a 3 s token"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get_text(&healthz).await.0, 200);
+    sc.stop().await;
+}
+
+/// The private key as it sits on disk, split into the pieces that must never be logged.
+fn key_fragments(path: &Path) -> Vec<String> {
+    let pem = std::fs::read_to_string(path).unwrap();
+    pem.lines()
+        .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+        .map(|l| l[..16].to_string())
+        .collect()
+}
+
+/// A full scenario through the real binary at `trace` level: tokens, refreshes, a 401 replay,
+/// errors, shutdown. No access token, assertion, client secret or key byte may appear.
+#[tokio::test]
+async fn trace_logs_hold_no_secrets() {
+    let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(4))).await;
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = fixture("rsa_pkcs1.pem");
+    let proxy_port = free_port();
+    let admin_port = free_port();
+    let cfg = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[proxy]
+listen = "127.0.0.1:{proxy_port}"
+[admin]
+listen = "127.0.0.1:{admin_port}"
+[token]
+token_url = "{url}"
+allow_insecure_token_url = true
+client_id = "logged-client"
+private_key_file = "{key}"
+expiry_skew = "1s"
+refresh_before_expiry = "2s"
+[[route]]
+name = "orders"
+path_prefix = "/orders/"
+upstream = "{up}"
+allow_insecure_upstream = true
+scope = ["orders:read"]
+audience = ["{ORDERS}"]
+[[route]]
+name = "refused"
+path_prefix = "/refused/"
+upstream = "{up}"
+allow_insecure_upstream = true
+scope = ["forbidden"]
+"#,
+            url = idp.token_url(),
+            key = key.display(),
+            up = up.url()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_token-sidecar"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let logs = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf).await;
+        let _ = stdout.read_to_end(&mut buf).await;
+        buf
+    });
+
+    let client = http_client();
+    let base = format!("http://127.0.0.1:{proxy_port}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while get_ready(&client, admin_port).await != Some(200) {
+        assert!(Instant::now() < deadline, "sidecar not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Steady requests across two refreshes, a revoked token, a body, a 404.
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < Duration::from_secs(5) {
+        let r = client
+            .post(format!("{base}/orders/x"))
+            .header(
+                "authorization",
+                "Bearer app-supplied-token-must-not-be-logged-either",
+            )
+            .body("payload")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        n += 1;
+        if n == 5 {
+            up.revoke(&up.received().last().unwrap().bearer().unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    idp.set_mode(Mode::Reject("invalid_scope"));
+    let _ = client.get(format!("{base}/nowhere")).send().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let kill = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().unwrap().to_string())
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    let logs = String::from_utf8_lossy(&logs.await.unwrap()).into_owned();
+    assert!(
+        logs.contains("TRACE") || logs.contains("trace"),
+        "trace level was on"
+    );
+    assert!(logs.contains("token obtained"));
+
+    let mut secrets: Vec<String> = up.received().iter().filter_map(|r| r.bearer()).collect();
+    secrets.sort();
+    secrets.dedup();
+    assert!(
+        secrets.len() >= 3,
+        "refreshes and the replay happened: {secrets:?}"
+    );
+    let assertions: Vec<String> = idp
+        .forms()
+        .iter()
+        .filter_map(|f| {
+            url::form_urlencoded::parse(f.as_bytes())
+                .find(|(k, _)| k == "client_assertion")
+                .map(|(_, v)| v.into_owned())
+        })
+        .collect();
+    assert!(assertions.len() >= 3);
+    for a in &assertions {
+        // The whole assertion, and its signature alone.
+        secrets.push(a.clone());
+        secrets.push(a.rsplit('.').next().unwrap().to_string());
+    }
+    secrets.extend(key_fragments(&key));
+    secrets.push("app-supplied-token-must-not-be-logged-either".into());
+    for s in &secrets {
+        assert!(
+            !logs.contains(s.as_str()),
+            "a secret appears in the logs: {}…",
+            &s[..12.min(s.len())]
+        );
+    }
+}
+
+async fn get_ready(client: &reqwest::Client, port: u16) -> Option<u16> {
+    client
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The key file is a Kubernetes Secret volume: `key.pem -> ..data/key.pem`, `..data -> ..v1`.
+/// Swapping `..data` to a new directory while requests flow makes the next assertion use the new
+/// key, with no restart and no failed request.
+#[tokio::test]
+async fn the_key_is_rotated_by_a_secret_volume_symlink_swap() {
+    use token_sidecar::key::SigningKey;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let v1 = root.join("..v1");
+    let v2 = root.join("..v2");
+    std::fs::create_dir(&v1).unwrap();
+    std::fs::create_dir(&v2).unwrap();
+    std::fs::copy(fixture("ec_p256_sec1.pem"), v1.join("key.pem")).unwrap();
+    std::fs::copy(fixture("ed25519_pkcs8.pem"), v2.join("key.pem")).unwrap();
+    std::os::unix::fs::symlink("..v1", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/key.pem", root.join("key.pem")).unwrap();
+
+    let kid = |f: &str| {
+        let bytes = std::fs::read(fixture(f)).unwrap();
+        SigningKey::from_bytes(&bytes, None, None)
+            .unwrap()
+            .kid()
+            .to_string()
+    };
+    let (old_kid, new_kid) = (kid("ec_p256_sec1.pem"), kid("ed25519_pkcs8.pem"));
+
+    let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(2))).await;
+    let up = Upstream::start().await;
+    let sc = Running::start(&config(
+        &idp.token_url(),
+        &root.join("key.pem"),
+        "expiry_skew = \"500ms\"\nrefresh_at = 0.5",
+        &route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
+    ))
+    .await;
+    sc.wait_ready().await;
+    let client = http_client();
+    let start = Instant::now();
+    let mut swapped_at_form = None;
+    while start.elapsed() < Duration::from_secs(6) {
+        if swapped_at_form.is_none() && start.elapsed() >= Duration::from_secs(2) {
+            // What kubelet does: a new ..data symlink renamed over the old one (atomic).
+            let tmp = root.join("..data_tmp");
+            std::os::unix::fs::symlink("..v2", &tmp).unwrap();
+            std::fs::rename(&tmp, root.join("..data")).unwrap();
+            swapped_at_form = Some(idp.forms().len());
+        }
+        let r = client.get(sc.url("/orders/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "no failed request during the rotation");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let kids: Vec<String> = idp
+        .forms()
+        .iter()
+        .map(|f| {
+            let a = url::form_urlencoded::parse(f.as_bytes())
+                .find(|(k, _)| k == "client_assertion")
+                .unwrap()
+                .1
+                .into_owned();
+            jsonwebtoken::decode_header(&a).unwrap().kid.unwrap()
+        })
+        .collect();
+    let swapped = swapped_at_form.unwrap();
+    assert!(kids[..swapped].iter().all(|k| *k == old_kid), "{kids:?}");
+    assert!(
+        kids.len() > swapped + 2,
+        "refreshes after the swap: {kids:?}"
+    );
+    // The fetch in flight at the swap may still have used the old key; every later one uses the new.
+    assert!(
+        kids[swapped + 1..].iter().all(|k| *k == new_kid),
+        "{kids:?}"
+    );
+    sc.stop().await;
+}
