@@ -14,7 +14,8 @@ pub fn delay(initial: Duration, max: Duration, failures: u32, random: f64) -> Du
     } else {
         0.5
     };
-    base / 2 + (base / 2).mul_f64(random)
+    // f64 rounding can overshoot by a few ns for bases of months; the cap is the promise.
+    (base / 2 + (base / 2).mul_f64(random)).min(max)
 }
 
 /// A uniform fraction in [0, 1) from the system RNG.

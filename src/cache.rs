@@ -72,7 +72,14 @@ pub struct Schedule {
 pub fn schedule(lifetime: Duration, policy: &Policy) -> Schedule {
     let skew = policy.expiry_skew.min(lifetime / 2);
     let usable_for = lifetime - skew;
-    let by_fraction = lifetime.mul_f64(policy.refresh_at.clamp(0.0, 1.0));
+    // NaN would slip through clamp and make mul_f64 panic; validation refuses it, this is belt
+    // and braces for callers that build a Policy themselves.
+    let fraction = if policy.refresh_at.is_nan() {
+        1.0
+    } else {
+        policy.refresh_at.clamp(0.0, 1.0)
+    };
+    let by_fraction = lifetime.mul_f64(fraction);
     let by_margin = lifetime.saturating_sub(policy.refresh_before_expiry);
     let refresh_due = by_fraction.min(by_margin).max(lifetime / 4).min(usable_for);
     Schedule {

@@ -46,10 +46,13 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     /// Connections accepted at once per listener; further clients wait in the kernel backlog.
     pub max_connections: usize,
-    /// A client slower than this to send a request's headers is disconnected. The same bound
-    /// applies to a keep-alive connection waiting for its next request (HTTP/1.1).
+    /// A client slower than this to send a request's head (request line and headers) is
+    /// disconnected.
     #[serde(with = "duration_str")]
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight and no traffic for this long is closed.
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
     /// Largest request head (request line plus headers) accepted, in bytes.
     pub max_header_bytes: usize,
     /// Most request headers accepted.
@@ -68,6 +71,7 @@ impl Default for ProxyConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             max_header_bytes: 65536,
             max_headers: 100,
             shutdown_grace: Duration::from_secs(20),
@@ -325,8 +329,28 @@ pub struct Problem {
 }
 
 impl fmt::Display for Problem {
+    /// One line, always: control characters in keys (quoted TOML keys may hold any) are escaped
+    /// and multi-line messages (the TOML parser's snippets, file names) are folded.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
+        let key: String = self
+            .key
+            .chars()
+            .flat_map(|c| -> Box<dyn Iterator<Item = char>> {
+                if c.is_control() {
+                    Box::new(c.escape_default())
+                } else {
+                    Box::new(std::iter::once(c))
+                }
+            })
+            .collect();
+        let message = self
+            .message
+            .split(['\n', '\r'])
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        write!(f, "{key}: {message}")
     }
 }
 
@@ -404,10 +428,9 @@ fn figment_problems(err: figment::Error) -> ConfigError {
     let problems = err
         .into_iter()
         .map(|e| {
-            let key = if e.path.is_empty() {
-                "config".to_string()
-            } else {
-                e.path.join(".")
+            let key = match e.path.join(".") {
+                k if k.is_empty() => "config".to_string(),
+                k => k,
             };
             // figment's Display repeats the key and the source; the kind alone reads best after the key.
             let mut message = e.kind.to_string();
@@ -460,6 +483,9 @@ impl Config {
         }
         if px.header_read_timeout.is_zero() {
             p.add("proxy.header_read_timeout", "must be greater than zero");
+        }
+        if px.idle_timeout.is_zero() {
+            p.add("proxy.idle_timeout", "must be greater than zero");
         }
         if self.admin.listen == px.listen && px.listen.port() != 0 {
             p.add("admin.listen", "must differ from proxy.listen");

@@ -9,6 +9,7 @@
 //!   every bad key.
 //! - [`cli`] — the command line (`run`, `check-config`, …); `main.rs` only calls it.
 //! - [`server`] — binds listeners, runs the accept loops, graceful shutdown.
+//! - [`conn`] — per-connection header-read and idle timeouts.
 //! - [`telemetry`] — logging.
 //!
 //! Tokens:
@@ -40,6 +41,7 @@ pub mod backoff;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod conn;
 pub mod dev;
 pub mod devserver;
 pub mod key;

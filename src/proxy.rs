@@ -63,6 +63,22 @@ pub struct Proxy {
     pub unmatched: RouteMetrics,
 }
 
+/// What the access log needs from the request itself.
+struct AccessFields {
+    method: Method,
+    path: String,
+    host: Option<String>,
+}
+
+/// The host a request names: an absolute-form target (HTTP_PROXY clients) or HTTP/2
+/// `:authority` first, else the Host header.
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => req.headers().get(HOST).and_then(|h| h.to_str().ok()),
+    }
+}
+
 /// What the access log says about how a request was served.
 struct Served {
     route: Option<usize>,
@@ -78,25 +94,22 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                req.headers()
-                    .get(HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            });
+        let host = request_host(&req);
+        let route = self.route(listener, host, &req);
+        // Only the access log needs these after the request is handed on; skip the copies
+        // when it is off.
+        let logged = self.access_log.then(|| AccessFields {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            host: host.map(str::to_owned),
+        });
         let mut served = Served {
             route: None,
             token_cached: None,
             replayed: false,
         };
 
-        let resp = match self.route(listener, host.as_deref(), &req) {
+        let resp = match route {
             Err(e) => error_response::<Full<Bytes>>(&e, None).map(Either::Right),
             Ok(idx) => {
                 served.route = Some(idx);
@@ -121,13 +134,13 @@ impl Proxy {
         route
             .map_or(&self.unmatched, |r| &r.metrics)
             .request(status, took);
-        if self.access_log {
+        if let Some(f) = logged {
             tracing::info!(
                 target: "token_sidecar::access",
-                method = %method,
+                method = %f.method,
                 route = route.map_or("-", |r| &*r.name),
-                host = host.as_deref().unwrap_or("-"),
-                path = %path,
+                host = f.host.as_deref().unwrap_or("-"),
+                path = %f.path,
                 status,
                 duration_ms = took.as_secs_f64() * 1000.0,
                 token = match served.token_cached {
@@ -155,8 +168,6 @@ impl Proxy {
         check_path(req.uri().path()).map_err(ProxyError::BadRequest)?;
         match listener {
             Listener::Dedicated(i) => Ok(i),
-            // An absolute-form target (HTTP_PROXY clients) or HTTP/2 :authority names the host;
-            // otherwise the Host header does.
             Listener::Main => self
                 .table
                 .match_main(host, req.uri().path())
@@ -262,9 +273,26 @@ async fn send(
     let req = Request::from_parts(parts, body);
     match tokio::time::timeout(upstream.timeout, upstream.client.request(req)).await {
         Err(_) => Err(ProxyError::UpstreamTimeout(upstream.timeout)),
+        Ok(Err(e)) if downstream_body_failed(&e) => Err(ProxyError::BadRequest(
+            "the request body could not be read (malformed or cut off)",
+        )),
         Ok(Err(e)) => Err(ProxyError::UpstreamUnavailable(error_chain(&e))),
         Ok(Ok(resp)) => Ok(resp),
     }
+}
+
+/// Whether forwarding failed because the application's request body broke (a malformed chunk,
+/// a connection cut mid-body) rather than because of the upstream: hyper reports an error of
+/// the body it was sending as a "user" error.
+fn downstream_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return h.is_user();
+        }
+        current = err.source();
+    }
+    false
 }
 
 fn clone_parts(p: &Parts) -> Parts {

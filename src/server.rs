@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Admin;
 use crate::cache::{Policy, TokenCache};
 use crate::config::{Config, ProxyConfig};
+use crate::conn::{self, TrackedBody, TrackedIo, Tracker};
 use crate::metrics::Metrics;
 use crate::proxy::{Listener, Proxy, ProxyBody};
 use crate::routes::{Route, RouteError, RouteTable};
@@ -183,6 +184,7 @@ impl Sidecar {
         let limits = &self.config.proxy;
         let admin = Arc::new(Admin::new(self.proxy.clone(), self.metrics.clone()));
 
+        let timeouts = (limits.header_read_timeout, limits.idle_timeout);
         let mut loops = Vec::new();
         let main_addr = self.proxy_addr();
         loops.push(tokio::spawn(accept_loop(
@@ -192,6 +194,7 @@ impl Sidecar {
             limits.max_connections,
             graceful.clone(),
             stop.clone(),
+            timeouts,
         )));
         for (i, listener) in self.dedicated {
             loops.push(tokio::spawn(accept_loop(
@@ -201,6 +204,7 @@ impl Sidecar {
                 limits.max_connections,
                 graceful.clone(),
                 stop.clone(),
+                timeouts,
             )));
         }
         loops.push(tokio::spawn(accept_loop(
@@ -210,6 +214,7 @@ impl Sidecar {
             64,
             graceful.clone(),
             stop.clone(),
+            timeouts,
         )));
         tracing::info!(proxy = %main_addr, routes = self.config.route.len(), "token-sidecar serving");
 
@@ -249,9 +254,11 @@ impl Handler {
 
 fn builder(limits: &ProxyConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper's header timer also runs while a keep-alive connection idles; conn.rs enforces
+    // both timeouts separately instead.
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes)
         .max_headers(limits.max_headers);
     b.http2()
@@ -269,6 +276,8 @@ async fn accept_loop(
     max_connections: usize,
     graceful: Arc<GracefulShutdown>,
     stop: CancellationToken,
+    // (header_read_timeout, idle_timeout)
+    timeouts: (Duration, Duration),
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
     loop {
@@ -289,18 +298,27 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
+        let tracker = Tracker::new();
         let handler = handler.clone();
+        let in_service = tracker.clone();
         let service = service_fn(move |req| {
             let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler.call(req).await) }
+            let in_flight = in_service.request_started();
+            async move {
+                let resp = handler.call(req).await;
+                Ok::<_, Infallible>(resp.map(|b| TrackedBody::new(b, in_flight)))
+            }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
+        let io = TokioIo::new(TrackedIo::new(stream, tracker.clone()));
+        let conn = builder.serve_connection(io, service).into_owned();
         let conn = graceful.watch(conn);
+        let watchdog = conn::watchdog(tracker, timeouts.0, timeouts.1);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                },
+                why = watchdog => tracing::debug!(%peer, reason = ?why, "connection closed by timeout"),
             }
             drop(permit);
         });

@@ -204,12 +204,18 @@ pub fn parse_response(
     }
 
     // Some servers label JSON as text/plain; the body decides, and the error names the type.
-    let raw: RawSuccess = serde_json::from_slice(body).map_err(|e| {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
         malformed(format!(
             "not a JSON token response ({})",
             json_error_class(&e)
         ))
     })?;
+    // serde's derived struct deserializer would also take an array; RFC 6749 §5.1 says object.
+    if !value.is_object() {
+        return Err(malformed("the token response is not a JSON object".into()));
+    }
+    let raw: RawSuccess = serde_json::from_value(value)
+        .map_err(|e| malformed(format!("not a token response ({})", json_error_class(&e))))?;
 
     let token = match raw.access_token {
         Some(serde_json::Value::String(s)) if !s.is_empty() => s,
@@ -242,11 +248,12 @@ pub fn parse_response(
             None => (default_ttl.min(MAX_LIFETIME), LifetimeSource::Default),
         },
         Some(v) => match expires_in_secs(&v) {
-            Some(secs) if secs > 0.0 => (
+            // Under a second a token cannot be cached usefully; the refresher would spin on it.
+            Some(secs) if secs >= 1.0 => (
                 Duration::from_secs_f64(secs.min(MAX_LIFETIME.as_secs_f64())),
                 LifetimeSource::ExpiresIn,
             ),
-            Some(_) => return Err(malformed("expires_in is not positive".into())),
+            Some(_) => return Err(malformed("expires_in is below 1 second".into())),
             None => return Err(malformed("expires_in is not a number".into())),
         },
     };

@@ -240,11 +240,11 @@ allow_insecure_upstream = true
             .unwrap();
         assert_eq!(r.status, 200, "{}", r.head);
         assert!(freed.elapsed() < Duration::from_secs(2));
-        assert!(
-            up.received()
-                .iter()
-                .any(|r| r.path_and_query == "/third")
+        eprintln!(
+            "max_connections: third client served {:?} after a slot freed",
+            freed.elapsed()
         );
+        assert!(up.received().iter().any(|r| r.path_and_query == "/third"));
         drop(held);
         sc.stop().await;
     })
@@ -271,7 +271,10 @@ async fn a_request_head_over_max_header_bytes_is_431_and_not_forwarded() {
         let pad = "a".repeat(8 * 1024);
         let r = raw_exchange(
             sc.addr,
-            &get("/orders/small", &format!("X-Pad: {pad}\r\nConnection: close\r\n")),
+            &get(
+                "/orders/small",
+                &format!("X-Pad: {pad}\r\nConnection: close\r\n"),
+            ),
         )
         .await;
         assert_eq!(r.status, 200, "{}", r.head);
@@ -286,7 +289,11 @@ async fn a_request_head_over_max_header_bytes_is_431_and_not_forwarded() {
         assert_eq!(big.status, 431, "{}", big.head);
         assert_eq!(normal.status, 200, "{}", normal.head);
 
-        let paths: Vec<String> = up.received().into_iter().map(|r| r.path_and_query).collect();
+        let paths: Vec<String> = up
+            .received()
+            .into_iter()
+            .map(|r| r.path_and_query)
+            .collect();
         assert_eq!(paths.len(), 2, "{paths:?}");
         assert!(!paths.contains(&"/big".to_string()), "{paths:?}");
         // Still serving afterwards.
@@ -334,7 +341,11 @@ async fn more_headers_than_max_headers_is_431_and_not_forwarded() {
         assert_eq!(many.status, 431, "{}", many.head);
         assert_eq!(normal.status, 200, "{}", normal.head);
 
-        let paths: Vec<String> = up.received().into_iter().map(|r| r.path_and_query).collect();
+        let paths: Vec<String> = up
+            .received()
+            .into_iter()
+            .map(|r| r.path_and_query)
+            .collect();
         assert_eq!(paths, ["/fifteen", "/normal"]);
         sc.stop().await;
     })
@@ -391,7 +402,11 @@ async fn a_client_sending_its_head_byte_by_byte_is_cut_after_header_read_timeout
         let t = Instant::now();
         let r = raw_get(sc.addr, "/orders/normal").await;
         assert_eq!(r.status, 200, "{}", r.head);
-        assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
 
         let (closed_after, got) = timeout(Duration::from_secs(3), reader)
             .await
@@ -403,23 +418,62 @@ async fn a_client_sending_its_head_byte_by_byte_is_cut_after_header_read_timeout
             "cut after {closed_after:?}, before the 1 s timeout"
         );
         let answer = String::from_utf8_lossy(&got);
+        eprintln!("header_read_timeout: slow client cut after {closed_after:?}, answer {answer:?}");
         assert!(
             got.is_empty() || answer.starts_with("HTTP/1.1 408"),
             "closed, or 408: {answer:?}"
         );
-        let paths: Vec<String> = up.received().into_iter().map(|r| r.path_and_query).collect();
+        let paths: Vec<String> = up
+            .received()
+            .into_iter()
+            .map(|r| r.path_and_query)
+            .collect();
         assert_eq!(paths, ["/normal"]);
         sc.stop().await;
     })
     .await
 }
 
+/// Whether `[proxy]` accepts `key` (the timeouts are being reworked concurrently).
+fn config_knows(key: &str) -> bool {
+    let toml = limits_config(
+        "http://127.0.0.1:9/token",
+        &format!("{key} = \"1s\""),
+        "",
+        &route("r", "/r/", "http://127.0.0.1:9", &[], &[]),
+    );
+    match token_sidecar::config::from_toml_str(&toml) {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(e.to_string().contains(key), "unexpected config error: {e}");
+            false
+        }
+    }
+}
+
 #[tokio::test]
-async fn an_idle_keep_alive_connection_is_closed_after_header_read_timeout() {
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     bounded(async {
         let idp = idp().await;
         let up = Upstream::start().await;
-        let sc = timeout_sidecar(&up, &idp).await;
+        // Where the config has a separate `idle_timeout` (2 s here), it bounds an idle
+        // keep-alive connection, not header_read_timeout (1 s); otherwise the latter does.
+        let (idle_cfg, bound) = if config_knows("idle_timeout") {
+            (
+                "header_read_timeout = \"1s\"\nidle_timeout = \"2s\"",
+                Duration::from_secs(2),
+            )
+        } else {
+            ("header_read_timeout = \"1s\"", Duration::from_secs(1))
+        };
+        let sc = Running::start(&limits_config(
+            &idp.token_url(),
+            idle_cfg,
+            "",
+            &route("orders", "/orders/", &up.url(), &[], &[]),
+        ))
+        .await;
+        sc.wait_ready().await;
 
         let mut s = TcpStream::connect(sc.addr).await.unwrap();
         s.write_all(&get("/orders/once", "")).await.unwrap();
@@ -430,13 +484,16 @@ async fn an_idle_keep_alive_connection_is_closed_after_header_read_timeout() {
         assert_eq!(r.status, 200);
         assert_ne!(r.header("connection"), Some("close"), "kept alive");
 
-        let (idle, got) = wait_closed(&mut s, Duration::from_secs(3))
+        let (idle, got) = wait_closed(&mut s, bound + Duration::from_secs(2))
             .await
-            .expect("the idle keep-alive connection was closed within 3 s");
+            .unwrap_or_else(|| {
+                panic!("the idle keep-alive connection was still open {bound:?} + 2 s later")
+            });
         assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+        eprintln!("idle keep-alive connection closed after {idle:?} ({idle_cfg:?})");
         assert!(
-            idle >= Duration::from_millis(700),
-            "closed after {idle:?}: that is not the 1 s idle bound"
+            idle >= bound - Duration::from_millis(300),
+            "closed after {idle:?}: before the {bound:?} idle bound"
         );
         sc.stop().await;
     })
@@ -444,9 +501,6 @@ async fn an_idle_keep_alive_connection_is_closed_after_header_read_timeout() {
 }
 
 #[tokio::test]
-#[ignore = "bug: a connection that never sends a byte is never cut (hyper-util's auto::Builder \
-            reads the first bytes to choose HTTP/1 or HTTP/2 with no timeout, before \
-            header_read_timeout starts), so max_connections silent clients stop a listener"]
 async fn silent_connections_are_cut_after_header_read_timeout_and_free_their_slots() {
     bounded(async {
         let idp = idp().await;
@@ -481,6 +535,97 @@ async fn silent_connections_are_cut_after_header_read_timeout_and_free_their_slo
         .await
         .expect("a normal client is served once the silent ones are cut");
         assert_eq!(r.status, 200, "{}", r.head);
+        sc.stop().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_http2_client_stalling_its_headers_is_cut_after_header_read_timeout() {
+    bounded(async {
+        let idp = idp().await;
+        let up = Upstream::start().await;
+        let sc = timeout_sidecar(&up, &idp).await;
+
+        // The HTTP/2 preface, an empty SETTINGS frame, then a HEADERS frame header announcing a
+        // 16-byte header block (stream 1, END_HEADERS) of which nothing follows.
+        let mut s = TcpStream::connect(sc.addr).await.unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        s.write_all(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]).await.unwrap();
+        s.write_all(&[0, 0, 16, 0x1, 0x4, 0, 0, 0, 1])
+            .await
+            .unwrap();
+        let closed = wait_closed(&mut s, Duration::from_secs(3)).await;
+        assert!(
+            closed.is_some(),
+            "an HTTP/2 client stalled in its headers was still connected after 3 s \
+             (header_read_timeout = 1s)"
+        );
+        assert_eq!(up.count(), 0);
+        sc.stop().await;
+    })
+    .await
+}
+
+#[tokio::test]
+#[ignore = "bug: an idle HTTP/2 connection is cut after header_read_timeout instead of \
+            idle_timeout (the client's frames after a response count as a request head \
+            starting)"]
+async fn an_idle_http2_connection_lasts_until_the_idle_timeout() {
+    bounded(async {
+        if !config_knows("idle_timeout") {
+            eprintln!("SKIPPED: this build has no proxy.idle_timeout");
+            return;
+        }
+        let idp = idp().await;
+        let up = Upstream::start().await;
+        let sc = Running::start(&limits_config(
+            &idp.token_url(),
+            "header_read_timeout = \"1s\"\nidle_timeout = \"3s\"",
+            "",
+            &route("orders", "/orders/", &up.url(), &[], &[]),
+        ))
+        .await;
+        sc.wait_ready().await;
+
+        // HTTP/2 with prior knowledge: one request, then the connection idles.
+        let stream = TcpStream::connect(sc.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<Bytes>>(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(stream),
+            )
+            .await
+            .unwrap();
+        let closed = tokio::spawn(async move {
+            let _ = conn.await;
+            Instant::now()
+        });
+        let req = Request::get(sc.url("/orders/h2"))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let resp = timeout(Duration::from_secs(5), sender.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+        let idle_from = Instant::now();
+
+        let closed_at = timeout(Duration::from_secs(6), closed)
+            .await
+            .expect("the idle HTTP/2 connection was closed within 6 s (idle_timeout = 3s)")
+            .unwrap();
+        let idle = closed_at - idle_from;
+        eprintln!("idle HTTP/2 connection closed after {idle:?}");
+        assert!(
+            idle >= Duration::from_millis(2500),
+            "an idle HTTP/2 connection was closed after {idle:?}; idle_timeout is 3 s \
+             (header_read_timeout 1 s)"
+        );
+        drop(sender);
         sc.stop().await;
     })
     .await
@@ -564,6 +709,10 @@ timeout = "1s"
             "502 after {took:?}; connect_timeout is 500 ms"
         );
         assert_eq!(normal.0.status, 200, "{}", normal.0.head);
+        eprintln!(
+            "connect_timeout: 502 after {took:?}; other request 200 at {:?}",
+            normal.1
+        );
         assert!(normal.1 < Duration::from_millis(400), "{:?}", normal.1);
 
         // The response timeout (covered in routing.rs): 1 s route timeout, 3 s upstream.
@@ -719,6 +868,7 @@ async fn a_token_response_over_max_response_bytes_is_503_and_nothing_is_forwarde
             assert_eq!(body["error"], "token_unavailable");
             let description = body["error_description"].as_str().unwrap_or_default();
             assert!(description.contains("2048"), "{path}: {description}");
+            eprintln!("max_response_bytes: {path} -> 503 in {:?}: {description}", t.elapsed());
 
             // Meanwhile the other route keeps being served.
             let r = client.get(sc.url("/ok/y")).send().await.unwrap();
@@ -735,23 +885,4 @@ async fn a_token_response_over_max_response_bytes_is_503_and_nothing_is_forwarde
         sc.stop().await;
     })
     .await
-}
-
-#[tokio::test]
-async fn zz_experiment_h2() {
-    let idp = idp().await;
-    let up = Upstream::start().await;
-    let sc = timeout_sidecar(&up, &idp).await;
-    // partial preface
-    let mut a = TcpStream::connect(sc.addr).await.unwrap();
-    a.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
-    eprintln!("partial preface: {:?}", wait_closed(&mut a, Duration::from_secs(3)).await.map(|x| x.0));
-    // full preface + settings, then idle
-    let mut b = TcpStream::connect(sc.addr).await.unwrap();
-    b.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
-    eprintln!("h2 idle: {:?}", wait_closed(&mut b, Duration::from_secs(3)).await.map(|x| (x.0, x.1.len())));
-    // h2 with partial HEADERS frame header
-    let mut c = TcpStream::connect(sc.addr).await.unwrap();
-    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00\x10\x01\x04").await.unwrap();
-    eprintln!("h2 partial headers: {:?}", wait_closed(&mut c, Duration::from_secs(3)).await.map(|x| (x.0, x.1.len())));
 }

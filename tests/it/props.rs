@@ -6,8 +6,13 @@
 //! - route matching, path checking and upstream URI rewriting (arbitrary hosts and paths),
 //! - backoff and the refresh schedule (arbitrary durations and fractions).
 //!
+//! Each bug these tests found has a regression test of its own below (config errors one line per
+//! problem, empty keys, sub-second `expires_in`, non-object responses, NaN fractions, backoff
+//! overshoot).
+//!
 //! Case counts are modest so the file runs in a few seconds on a small shared machine;
-//! failures are not persisted (no regression files are written into the tree).
+//! failures are not persisted (no regression files are written into the tree). Strategies are
+//! boxed: unboxed, their nested types overflow a debug-build test thread's stack.
 
 use std::time::Duration;
 
@@ -118,7 +123,7 @@ fn mutation_keys() -> Vec<(String, String)> {
     keys
 }
 
-fn string_value() -> impl Strategy<Value = String> {
+fn string_value() -> BoxedStrategy<String> {
     prop_oneof![
         prop::sample::select(vec![
             // durations, good and bad
@@ -177,9 +182,10 @@ fn string_value() -> impl Strategy<Value = String> {
         any::<String>(),
         "[ -~]{0,24}",
     ]
+    .boxed()
 }
 
-fn toml_value() -> impl Strategy<Value = toml::Value> {
+fn toml_value() -> BoxedStrategy<toml::Value> {
     let leaf = prop_oneof![
         3 => string_value().prop_map(toml::Value::String),
         1 => any::<i64>().prop_map(toml::Value::Integer),
@@ -223,6 +229,7 @@ fn toml_value() -> impl Strategy<Value = toml::Value> {
                 .prop_map(|m| toml::Value::Table(m.into_iter().collect())),
         ]
     })
+    .boxed()
 }
 
 /// Sets (or, with `None`, removes) one key of the base table.
@@ -250,6 +257,7 @@ fn mutate(table: &mut toml::Table, section: &str, key: &str, value: Option<toml:
 }
 
 /// Either a config or an error that names a key for every problem.
+///
 fn check_no_keyless_problem(result: &Result<Config, ConfigError>) -> Result<(), TestCaseError> {
     if let Err(e) = result {
         prop_assert!(!e.problems.is_empty(), "an error with no problems");
@@ -266,6 +274,7 @@ fn check_no_keyless_problem(result: &Result<Config, ConfigError>) -> Result<(), 
 }
 
 /// README: "Invalid configuration exits with status 2 and one line per problem".
+///
 fn check_one_line_per_problem(result: &Result<Config, ConfigError>) -> Result<(), TestCaseError> {
     if let Err(e) = result {
         let text = e.to_string();
@@ -280,7 +289,24 @@ fn check_one_line_per_problem(result: &Result<Config, ConfigError>) -> Result<()
     Ok(())
 }
 
-fn toml_like_text() -> impl Strategy<Value = String> {
+/// Replaces line breaks in every string and key, for the one-line-per-problem property.
+fn without_newlines(v: toml::Value) -> toml::Value {
+    fn scrub(s: &str) -> String {
+        s.replace(['\n', '\r'], " ")
+    }
+    match v {
+        toml::Value::String(s) => toml::Value::String(scrub(&s)),
+        toml::Value::Array(a) => toml::Value::Array(a.into_iter().map(without_newlines).collect()),
+        toml::Value::Table(t) => toml::Value::Table(
+            t.into_iter()
+                .map(|(k, v)| (scrub(&k), without_newlines(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+fn toml_like_text() -> BoxedStrategy<String> {
     prop_oneof![
         any::<String>(),
         prop::collection::vec(any::<u8>(), 0..200)
@@ -295,6 +321,7 @@ fn toml_like_text() -> impl Strategy<Value = String> {
             lines.join("\n")
         }),
     ]
+    .boxed()
 }
 
 fn mutations() -> impl Strategy<Value = Vec<(usize, Option<toml::Value>)>> {
@@ -304,14 +331,21 @@ fn mutations() -> impl Strategy<Value = Vec<(usize, Option<toml::Value>)>> {
     )
 }
 
-fn mutated_text(keys: &[(String, String)], muts: Vec<(usize, Option<toml::Value>)>) -> String {
+fn mutated_table(
+    keys: &[(String, String)],
+    muts: Vec<(usize, Option<toml::Value>)>,
+) -> toml::Table {
     let mut table: toml::Table = toml::from_str(BASE_CONFIG).unwrap();
     for (i, value) in muts {
         let (section, key) = &keys[i % keys.len()];
         mutate(&mut table, section, key, value);
     }
-    // A value TOML cannot write (none known) would just skip the case.
-    toml::to_string(&table).unwrap_or_default()
+    table
+}
+
+/// A value TOML cannot write (none known) would just give an empty text.
+fn to_text(table: &toml::Table) -> String {
+    toml::to_string(table).unwrap_or_default()
 }
 
 #[test]
@@ -334,20 +368,69 @@ proptest! {
     /// keys, or keys removed: never panics; every problem names a key.
     #[test]
     fn mutated_config_never_panics(muts in mutations()) {
-        let text = mutated_text(&mutation_keys(), muts);
+        let text = to_text(&mutated_table(&mutation_keys(), muts));
         let result = from_toml_str(&text);
         check_no_keyless_problem(&result)?;
     }
 
-    /// The same inputs: an error prints exactly one line per problem.
+    /// The same inputs (minus line breaks inside keys and values, and TOML syntax errors): an
+    /// error prints exactly one line per problem.
     #[test]
     fn config_errors_print_one_line_per_problem(
         text in toml_like_text(),
         muts in mutations(),
     ) {
         check_one_line_per_problem(&from_toml_str(&text))?;
-        let text = mutated_text(&mutation_keys(), muts);
-        check_one_line_per_problem(&from_toml_str(&text))?;
+        let table = match without_newlines(toml::Value::Table(mutated_table(&mutation_keys(), muts))) {
+            toml::Value::Table(t) => t,
+            _ => unreachable!(),
+        };
+        check_one_line_per_problem(&from_toml_str(&to_text(&table)))?;
+    }
+}
+
+#[test]
+fn toml_syntax_errors_print_on_one_line() {
+    let err = from_toml_str("!").unwrap_err();
+    assert_eq!(err.to_string().lines().count(), err.problems.len(), "{err}");
+}
+
+#[test]
+fn config_text_with_newlines_prints_on_one_line() {
+    for (what, text) in [
+        (
+            "private_key_file",
+            BASE_CONFIG.replace(
+                "auth_method = \"client_secret_post\"",
+                "auth_method = \"client_secret_post\"\nprivate_key_file = \"a\\nb\"",
+            ),
+        ),
+        (
+            "ca_file",
+            BASE_CONFIG.replace(
+                "auth_method = \"client_secret_post\"",
+                "auth_method = \"client_secret_post\"\nca_file = \"x\\ny\"",
+            ),
+        ),
+        (
+            "unknown key",
+            BASE_CONFIG.replace("[proxy]", "[proxy]\n\"a\\nb\" = 1"),
+        ),
+    ] {
+        let err = from_toml_str(&text).unwrap_err();
+        assert_eq!(
+            err.to_string().lines().count(),
+            err.problems.len(),
+            "{what}:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn empty_top_level_key_is_reported_with_a_key() {
+    let err = from_toml_str(&format!("\"\" = 1\n{BASE_CONFIG}")).unwrap_err();
+    for p in &err.problems {
+        assert!(!p.key.is_empty(), "{p:?}");
     }
 }
 
@@ -355,7 +438,7 @@ proptest! {
 // Token endpoint responses
 // ---------------------------------------------------------------------------------------------
 
-fn json_leaf() -> impl Strategy<Value = Json> {
+fn json_leaf() -> BoxedStrategy<Json> {
     prop_oneof![
         Just(Json::Null),
         any::<bool>().prop_map(Json::Bool),
@@ -364,19 +447,22 @@ fn json_leaf() -> impl Strategy<Value = Json> {
         any::<f64>().prop_map(|f| json!(f)), // NaN and infinities become null
         any::<String>().prop_map(Json::String),
     ]
+    .boxed()
 }
 
-fn json_any() -> impl Strategy<Value = Json> {
-    json_leaf().prop_recursive(2, 8, 3, |inner| {
-        prop_oneof![
-            prop::collection::vec(inner.clone(), 0..3).prop_map(Json::Array),
-            prop::collection::btree_map("[a-z_]{0,6}", inner, 0..3)
-                .prop_map(|m| Json::Object(m.into_iter().collect())),
-        ]
-    })
+fn json_any() -> BoxedStrategy<Json> {
+    json_leaf()
+        .prop_recursive(2, 8, 3, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Json::Array),
+                prop::collection::btree_map("[a-z_]{0,6}", inner, 0..3)
+                    .prop_map(|m| Json::Object(m.into_iter().collect())),
+            ]
+        })
+        .boxed()
 }
 
-fn access_token_value(marker: String) -> impl Strategy<Value = Json> {
+fn access_token_value(marker: String) -> BoxedStrategy<Json> {
     prop_oneof![
         6 => Just(Json::String(marker.clone())),
         1 => Just(Json::String(String::new())),
@@ -386,10 +472,11 @@ fn access_token_value(marker: String) -> impl Strategy<Value = Json> {
         1 => jwt_with_exp(marker.clone()).prop_map(Json::String),
         1 => json_any(),
     ]
+    .boxed()
 }
 
 /// A JWS-shaped token whose payload carries `exp` (any number) and the marker.
-fn jwt_with_exp(marker: String) -> impl Strategy<Value = String> {
+fn jwt_with_exp(marker: String) -> BoxedStrategy<String> {
     prop_oneof![
         any::<u64>().prop_map(|n| json!(n)),
         (0u64..3_000_000_000).prop_map(|n| json!(n)),
@@ -406,9 +493,10 @@ fn jwt_with_exp(marker: String) -> impl Strategy<Value = String> {
             b64.encode(payload.as_bytes())
         )
     })
+    .boxed()
 }
 
-fn token_type_value() -> impl Strategy<Value = Json> {
+fn token_type_value() -> BoxedStrategy<Json> {
     prop_oneof![
         4 => prop::sample::select(vec![
             "Bearer", "bearer", "BEARER", "bEaReR", "Bearer ", " Bearer", "mac", "DPoP", "",
@@ -417,9 +505,10 @@ fn token_type_value() -> impl Strategy<Value = Json> {
         .prop_map(|s| Json::String(s.to_string())),
         1 => json_any(),
     ]
+    .boxed()
 }
 
-fn expires_in_value() -> impl Strategy<Value = Json> {
+fn expires_in_value() -> BoxedStrategy<Json> {
     prop_oneof![
         3 => prop::sample::select(vec![
             json!(3600),
@@ -456,10 +545,11 @@ fn expires_in_value() -> impl Strategy<Value = Json> {
         1 => any::<f64>().prop_map(|f| json!(f.to_string())),
         1 => json_any(),
     ]
+    .boxed()
 }
 
 /// A token response object: the four RFC fields each present or not, plus random extras.
-fn token_object(marker: String) -> impl Strategy<Value = Json> {
+fn token_object(marker: String) -> BoxedStrategy<Json> {
     (
         prop::option::weighted(0.9, access_token_value(marker)),
         prop::option::weighted(0.9, token_type_value()),
@@ -483,6 +573,44 @@ fn token_object(marker: String) -> impl Strategy<Value = Json> {
             }
             Json::Object(m)
         })
+        .boxed()
+}
+
+/// Mostly usable responses, so the `Ok` invariants see plenty of cases.
+fn plausible_token_object(marker: String) -> BoxedStrategy<Json> {
+    (
+        prop_oneof![
+            4 => Just(marker.clone()),
+            1 => jwt_with_exp(marker),
+        ],
+        prop::sample::select(vec!["Bearer", "bearer", "BEARER", "bEaReR"]),
+        prop::option::weighted(
+            0.8,
+            prop_oneof![
+                (1u64..10_000_000).prop_map(|n| json!(n)),
+                (1e-3f64..1e12).prop_map(|f| json!(f)),
+                any::<u64>().prop_map(|n| json!(n.to_string())),
+                expires_in_value(),
+            ],
+        ),
+        prop::option::of(prop_oneof![
+            Just(Json::Null),
+            "[ -~]{0,20}".prop_map(Json::String)
+        ]),
+    )
+        .prop_map(|(at, tt, ei, scope)| {
+            let mut m = Map::new();
+            m.insert("access_token".into(), Json::String(at));
+            m.insert("token_type".into(), Json::String(tt.to_string()));
+            if let Some(ei) = ei {
+                m.insert("expires_in".into(), ei);
+            }
+            if let Some(scope) = scope {
+                m.insert("scope".into(), scope);
+            }
+            Json::Object(m)
+        })
+        .boxed()
 }
 
 #[derive(Debug, Clone)]
@@ -512,13 +640,15 @@ impl Body {
     }
 }
 
-fn body(marker: String) -> impl Strategy<Value = Body> {
+fn body(marker: String) -> BoxedStrategy<Body> {
     prop_oneof![
         1 => prop::collection::vec(any::<u8>(), 0..200).prop_map(Body::Bytes),
         4 => token_object(marker.clone()).prop_map(Body::Object),
+        3 => plausible_token_object(marker.clone()).prop_map(Body::Object),
         1 => (token_object(marker), any::<usize>(), prop::option::of(any::<u8>()))
             .prop_map(|(j, at, b)| Body::Damaged(j, at, b)),
     ]
+    .boxed()
 }
 
 fn status() -> impl Strategy<Value = u16> {
@@ -566,11 +696,17 @@ proptest! {
         match parse_response(status, ct.as_deref(), &bytes, now, ttl) {
             Ok(tok) => {
                 prop_assert_eq!(status, 200);
-                prop_assert!(tok.lifetime > Duration::ZERO, "zero lifetime from {:?}", body);
+                prop_assert!(
+                    tok.lifetime >= Duration::from_secs(1),
+                    "zero lifetime from {:?}",
+                    body
+                );
                 prop_assert!(tok.lifetime <= MAX_LIFETIME, "lifetime {:?}", tok.lifetime);
                 let header = String::from_utf8_lossy(tok.authorization().as_bytes()).into_owned();
                 prop_assert!(header.starts_with("Bearer "), "{}", header);
-                let parsed: Json = serde_json::from_slice(&bytes)
+                // serde_json skips ignored fields without checking their UTF-8, so a body with
+                // invalid bytes in an unknown member is accepted; read it lossily to compare.
+                let parsed: Json = serde_json::from_str(&String::from_utf8_lossy(&bytes))
                     .map_err(|e| TestCaseError::fail(format!("accepted a non-JSON body: {e}")))?;
                 prop_assert!(parsed.is_object(), "accepted a non-object: {}", parsed);
                 let tt = parsed["token_type"].as_str().unwrap_or_default();
@@ -627,6 +763,11 @@ proptest! {
         prop_assert!(!e.to_string().contains(&marker), "{}", e);
     }
 
+}
+
+proptest! {
+    #![proptest_config(cases(64))]
+
     /// A positive `expires_in`, however tiny, must not become a zero lifetime (a token that is
     /// never usable would make the refresher fetch in a loop).
     #[test]
@@ -641,9 +782,8 @@ proptest! {
     ) {
         let ei = if as_string { json!(format!("{secs:e}")) } else { json!(secs) };
         let body = json!({"access_token": "abc", "token_type": "Bearer", "expires_in": ei}).to_string();
-        if let Ok(tok) = parse_response(200, None, body.as_bytes(), 0, Duration::from_secs(300)) {
-            prop_assert!(tok.lifetime > Duration::ZERO, "{} gave lifetime {:?}", body, tok.lifetime);
-        }
+        // Under a second a token cannot be cached usefully: refused, never a zero lifetime.
+        prop_assert!(parse_response(200, None, body.as_bytes(), 0, Duration::from_secs(300)).is_err(), "{} accepted", body);
     }
 }
 
@@ -793,7 +933,7 @@ fn host_input() -> impl Strategy<Value = Option<String>> {
     )
 }
 
-fn path_input() -> impl Strategy<Value = String> {
+fn path_input() -> BoxedStrategy<String> {
     let prefix = prop::sample::select(vec![
         "",
         "/",
@@ -824,6 +964,7 @@ fn path_input() -> impl Strategy<Value = String> {
             .prop_map(|(p, segs)| format!("{p}{}", segs.join("/"))),
         1 => any::<String>(),
     ]
+    .boxed()
 }
 
 /// What a request target really gives the proxy: hyper parses it into a URI first, so `#`
@@ -964,10 +1105,36 @@ fn fraction() -> impl Strategy<Value = f64> {
 proptest! {
     #![proptest_config(cases(1024))]
 
-    /// Any durations, failure counts and random inputs: no panic, and the pause is within
-    /// [min(initial, max) / 2, max].
+    /// Any durations (up to Duration::MAX), failure counts and random inputs (NaN, ±∞,
+    /// negative, > 1): no panic, and never below half the first pause.
+    #[test]
+    fn backoff_never_panics(
+        initial in duration(),
+        max in duration(),
+        failures in prop_oneof![0u32..40, any::<u32>()],
+        random in fraction(),
+    ) {
+        let d = backoff::delay(initial, max, failures, random);
+        prop_assert!(d >= initial.min(max) / 2, "delay {:?} < half of {:?}", d, initial.min(max));
+    }
+
+    /// For durations up to ~104 days (2^53 ns, where f64 seconds still resolve nanoseconds):
+    /// the pause is within [min(initial, max) / 2, max].
     #[test]
     fn backoff_stays_within_bounds(
+        initial in prop_oneof![(0u64..=1 << 53).prop_map(Duration::from_nanos), (0u64..100_000).prop_map(Duration::from_millis)],
+        max in prop_oneof![(0u64..=1 << 53).prop_map(Duration::from_nanos), (0u64..100_000).prop_map(Duration::from_millis)],
+        failures in prop_oneof![0u32..40, any::<u32>()],
+        random in fraction(),
+    ) {
+        let d = backoff::delay(initial, max, failures, random);
+        prop_assert!(d <= max, "delay {:?} > max {:?}", d, max);
+        prop_assert!(d >= initial.min(max) / 2, "delay {:?} < half of {:?}", d, initial.min(max));
+    }
+
+    /// The same bound for any durations at all.
+    #[test]
+    fn backoff_never_exceeds_max_for_any_duration(
         initial in duration(),
         max in duration(),
         failures in prop_oneof![0u32..40, any::<u32>()],
@@ -975,7 +1142,6 @@ proptest! {
     ) {
         let d = backoff::delay(initial, max, failures, random);
         prop_assert!(d <= max, "delay {:?} > max {:?}", d, max);
-        prop_assert!(d >= initial.min(max) / 2, "delay {:?} < half of {:?}", d, initial.min(max));
     }
 
     /// Jitter is monotonic in the random fraction for a fixed attempt.
@@ -1082,19 +1248,4 @@ fn config_refuses_a_nan_refresh_at() {
         err.problems.iter().any(|p| p.key == "token.refresh_at"),
         "{err}"
     );
-}
-
-#[test]
-fn zz_scratch() {
-    let mut n = 0; let mut ex = Vec::new();
-    let mut x: u64 = 0x9E3779B97F4A7C15;
-    for _ in 0..2_000_000u64 {
-        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-        let max = Duration::from_nanos(x % 3_600_000_000_000 + 1);
-        for r in [1.0f64, 1.0 - f64::EPSILON, 1.0 - 1e-12] {
-            let d = backoff::delay(max, max, 1, r);
-            if d > max { n += 1; if ex.len() < 5 { ex.push((max, r, d)); } }
-        }
-    }
-    println!("overshoots {n} {ex:?}");
 }

@@ -1,0 +1,299 @@
+//! Per-connection timeouts that hyper does not separate: how long a client may take to send a
+//! request's head (`header_read_timeout`, against slow-header attacks) and how long a
+//! keep-alive connection may sit idle between requests (`idle_timeout`).
+//!
+//! hyper's own header-read timer also runs while an HTTP/1.1 connection waits for its next
+//! request, so it cannot express a short header timeout with a long idle timeout. Instead, the
+//! socket is wrapped in [`TrackedIo`], which notes when bytes move, and the service marks requests
+//! in flight; a watchdog per connection decides from those facts alone ([`verdict`], pure) when
+//! the connection has to go.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+const NONE: u64 = u64::MAX;
+
+/// What the watchdog knows about one connection. Times are milliseconds since `origin`.
+#[derive(Debug)]
+pub struct Tracker {
+    origin: Instant,
+    /// Last time bytes were read or written.
+    last_io: AtomicU64,
+    /// When the first byte of a request head arrived while no request was in flight.
+    head_started: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Tracker {
+    pub fn new() -> Arc<Tracker> {
+        Arc::new(Tracker {
+            origin: Instant::now(),
+            last_io: AtomicU64::new(0),
+            // A new connection owes us a request head: one that connects and stays silent is
+            // cut after header_read_timeout, not idle_timeout.
+            head_started: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    fn on_read(&self) {
+        let now = self.now_ms();
+        self.last_io.store(now, Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Relaxed) == 0 {
+            let _ =
+                self.head_started
+                    .compare_exchange(NONE, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    fn on_write(&self) {
+        self.last_io.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// A request's head has been parsed and handed to the service.
+    pub fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_started.store(NONE, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let head = self.head_started.load(Ordering::Relaxed);
+        Snapshot {
+            now_ms: self.now_ms(),
+            last_io_ms: self.last_io.load(Ordering::Relaxed),
+            head_started_ms: (head != NONE).then_some(head),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Held for as long as a request (and its response body) is in flight.
+#[derive(Debug)]
+pub struct InFlight(Arc<Tracker>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // Idle time counts from the end of the last exchange.
+        self.0.on_write();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub now_ms: u64,
+    pub last_io_ms: u64,
+    pub head_started_ms: Option<u64>,
+    pub in_flight: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    /// A request head has been arriving for longer than `header_read_timeout`.
+    HeaderTimeout,
+    /// No request in flight and no bytes moved for `idle_timeout`.
+    Idle,
+}
+
+/// Pure: whether a connection in state `s` must be closed.
+pub fn verdict(s: Snapshot, header_read_timeout: Duration, idle_timeout: Duration) -> Verdict {
+    if s.in_flight > 0 {
+        return Verdict::Keep;
+    }
+    if let Some(started) = s.head_started_ms
+        && s.now_ms.saturating_sub(started) >= header_read_timeout.as_millis() as u64
+    {
+        return Verdict::HeaderTimeout;
+    }
+    if s.head_started_ms.is_none()
+        && s.now_ms.saturating_sub(s.last_io_ms) >= idle_timeout.as_millis() as u64
+    {
+        return Verdict::Idle;
+    }
+    Verdict::Keep
+}
+
+/// Resolves when the connection must be closed, checking a few times per timeout.
+pub async fn watchdog(
+    tracker: Arc<Tracker>,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+) -> Verdict {
+    let tick = (header_read_timeout.min(idle_timeout) / 4).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(tick).await;
+        let v = verdict(tracker.snapshot(), header_read_timeout, idle_timeout);
+        if v != Verdict::Keep {
+            return v;
+        }
+    }
+}
+
+/// A socket that reports its traffic to a [`Tracker`].
+#[derive(Debug)]
+pub struct TrackedIo<T> {
+    inner: T,
+    tracker: Arc<Tracker>,
+}
+
+impl<T> TrackedIo<T> {
+    pub fn new(inner: T, tracker: Arc<Tracker>) -> Self {
+        TrackedIo { inner, tracker }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.tracker.on_read();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.tracker.on_write();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.tracker.on_write();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is finished or dropped,
+/// so a long download is never mistaken for an idle connection.
+#[derive(Debug)]
+pub struct TrackedBody<B> {
+    inner: B,
+    _in_flight: InFlight,
+}
+
+impl<B> TrackedBody<B> {
+    pub fn new(inner: B, in_flight: InFlight) -> Self {
+        TrackedBody {
+            inner,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for TrackedBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn snap(now: u64, last_io: u64, head: Option<u64>, in_flight: usize) -> Snapshot {
+        Snapshot {
+            now_ms: now,
+            last_io_ms: last_io,
+            head_started_ms: head,
+            in_flight,
+        }
+    }
+
+    #[test]
+    fn a_request_in_flight_is_never_cut() {
+        assert_eq!(
+            verdict(snap(999_999, 0, Some(0), 1), S(1), S(1)),
+            Verdict::Keep
+        );
+    }
+
+    #[test]
+    fn a_slow_head_is_cut_after_the_header_timeout_even_while_bytes_trickle() {
+        // Bytes arrived 100 ms ago, but the head started 10 s ago.
+        assert_eq!(
+            verdict(snap(10_000, 9_900, Some(0), 0), S(10), S(60)),
+            Verdict::HeaderTimeout
+        );
+        assert_eq!(
+            verdict(snap(9_999, 9_900, Some(0), 0), S(10), S(60)),
+            Verdict::Keep
+        );
+    }
+
+    #[test]
+    fn an_idle_connection_is_cut_after_the_idle_timeout_not_the_header_timeout() {
+        assert_eq!(
+            verdict(snap(30_000, 0, None, 0), S(10), S(60)),
+            Verdict::Keep
+        );
+        assert_eq!(
+            verdict(snap(60_000, 0, None, 0), S(10), S(60)),
+            Verdict::Idle
+        );
+        // And a short idle timeout with a long header timeout works too.
+        assert_eq!(verdict(snap(2_000, 0, None, 0), S(30), S(2)), Verdict::Idle);
+    }
+}
