@@ -141,6 +141,42 @@ EOF
     start_nginx upstream "$WORK/upstream.conf" "$UPSTREAM_PORT"
 }
 
+# The nginx reverse proxy to compare with: one worker, the Authorization header set to a fixed
+# JWT-shaped token of the given size, keep-alive to the upstream. `start_nginx_proxy PORT BYTES`
+# sets proxy_PID.
+start_nginx_proxy() {
+    local jwt
+    jwt=$(python3 bench/fake_jwt.py "$2")
+    cat >"$WORK/proxy.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/proxy.pid;
+error_log $WORK/logs/proxy-error.log warn;
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; }
+http {
+    $NGINX_HTTP_COMMON
+    upstream app {
+        server 127.0.0.1:$UPSTREAM_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$1 reuseport backlog=4096;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host 127.0.0.1:$UPSTREAM_PORT;
+            proxy_set_header Authorization "Bearer $jwt";
+        }
+    }
+}
+EOF
+    log "proxy nginx on 127.0.0.1:$1 (CPU $SERVER_CPU)"
+    start_nginx proxy "$WORK/proxy.conf" "$1"
+}
+
 wait_ready() { # admin-port pid seconds → 0 once /readyz answers 200
     for _ in $(seq $(( $3 * 20 ))); do
         [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$1/readyz")" = 200 ] && return 0

@@ -4,21 +4,24 @@
 #   direct   wrk → upstream
 #   nginx    wrk → nginx (proxy_set_header Authorization "Bearer <~800-byte JWT>", upstream
 #                 keep-alive) → upstream
-#   sidecar  wrk → token-sidecar dev (release build, token already cached) → upstream
+#   sidecar  wrk → token-sidecar dev (release build, token already cached, access log off like
+#                 nginx's) → upstream
+#   sidecar-log  the same with the access log on (the sidecar's default)
 #
 # The upstream is one nginx worker answering `200 ok`, the same for all three. wrk runs on CPU
 # $LOADGEN_CPU, every server (upstream, nginx proxy, sidecar) on CPU $SERVER_CPU. Each target is
 # warmed up, then measured $RUNS times interleaved (A B C A B C …); the summary gives the median
 # requests/s, p50 and p99 per target and the sidecar's ratios to nginx and direct.
 #
-# Manual only (CI never runs it); about 2 minutes plus the build with the defaults. Root is needed
+# Manual only (CI never runs it); about 2.5 minutes plus the build with the defaults. Root is needed
 # only to install wrk/nginx when missing. Only 127.0.0.1 is targeted; every process it starts is
 # stopped by PID on exit.
 #
 # Environment (defaults): CONNS=64 DURATION=10 (s per run) WARMUP=3 (s) RUNS=3 WRK_THREADS=1
 #   LOADGEN_CPU=0 SERVER_CPU=1 UPSTREAM_PORT=18090 NGINX_PORT=18082 TS_PORT=18080
-#   TS_ADMIN_PORT=18081 AUTH_BYTES=800 REQ_PATH=/v1/orders/42?expand=items
-#   TARGETS="direct nginx sidecar" TS_BIN= (skip the build, use this binary)
+#   TS_ADMIN_PORT=18081 TS_LOG_PORT=18083 TS_LOG_ADMIN_PORT=18084 AUTH_BYTES=800
+#   REQ_PATH=/v1/orders/42?expand=items TARGETS="direct nginx sidecar sidecar-log"
+#   TS_BIN= (skip the build, use this binary)
 #   TS_RUST_LOG=info OUT=target/bench/run-<timestamp>
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,62 +37,44 @@ WRK_THREADS=${WRK_THREADS:-1}
 NGINX_PORT=${NGINX_PORT:-18082}
 TS_PORT=${TS_PORT:-18080}
 TS_ADMIN_PORT=${TS_ADMIN_PORT:-18081}
+TS_LOG_PORT=${TS_LOG_PORT:-18083}
+TS_LOG_ADMIN_PORT=${TS_LOG_ADMIN_PORT:-18084}
 AUTH_BYTES=${AUTH_BYTES:-800}
 REQ_PATH=${REQ_PATH:-/v1/orders/42?expand=items}
-TARGETS=${TARGETS:-direct nginx sidecar}
+TARGETS=${TARGETS:-direct nginx sidecar sidecar-log}
 TS_RUST_LOG=${TS_RUST_LOG:-info}
 OUT=${OUT:-$(pwd)/target/bench/run-$(date +%Y%m%d-%H%M%S)}
 
 ensure_tools
-require_free_ports "$UPSTREAM_PORT" "$NGINX_PORT" "$TS_PORT" "$TS_ADMIN_PORT"
+require_free_ports "$UPSTREAM_PORT" "$NGINX_PORT" "$TS_PORT" "$TS_ADMIN_PORT" "$TS_LOG_PORT" \
+    "$TS_LOG_ADMIN_PORT"
 ensure_binary
 mkdir -p "$OUT"
 
 # ---------------------------------------------------------------------------------------------
 start_upstream
 
-JWT=$(python3 bench/fake_jwt.py "$AUTH_BYTES")
-cat >"$WORK/proxy.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/proxy.pid;
-error_log $WORK/logs/proxy-error.log warn;
-worker_rlimit_nofile 16384;
-events { worker_connections 8192; }
-http {
-    $NGINX_HTTP_COMMON
-    upstream app {
-        server 127.0.0.1:$UPSTREAM_PORT;
-        keepalive 64;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:$NGINX_PORT reuseport backlog=4096;
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host 127.0.0.1:$UPSTREAM_PORT;
-            proxy_set_header Authorization "Bearer $JWT";
-        }
-    }
-}
-EOF
-log "proxy nginx on 127.0.0.1:$NGINX_PORT (CPU $SERVER_CPU)"
-start_nginx proxy "$WORK/proxy.conf" "$NGINX_PORT"
+start_nginx_proxy "$NGINX_PORT" "$AUTH_BYTES"
 
 # The sidecar in dev mode (its embedded authorization server issues the token), started on the
-# server CPU so that Tokio sizes its runtime for the one CPU it has.
-sed "s#http://127.0.0.1:18090#http://127.0.0.1:$UPSTREAM_PORT#" bench/sidecar.toml >"$WORK/sidecar.toml"
-log "token-sidecar dev on 127.0.0.1:$TS_PORT (CPU $SERVER_CPU): $TS_BIN"
-taskset -c "$SERVER_CPU" env "${NO_SIDECAR_ENV[@]}" RUST_LOG="$TS_RUST_LOG" "$TS_BIN" dev \
-    --config "$WORK/sidecar.toml" \
-    --listen "127.0.0.1:$TS_PORT" --admin-listen "127.0.0.1:$TS_ADMIN_PORT" \
-    >"$OUT/sidecar.stdout" 2>"$OUT/sidecar.stderr" &
-sidecar_PID=$!
-PIDS+=("$sidecar_PID")
-wait_ready "$TS_ADMIN_PORT" "$sidecar_PID" 20 ||
-    { cat "$OUT/sidecar.stderr" >&2; die "the sidecar did not become ready"; }
+# server CPU so that Tokio sizes its runtime for the one CPU it has. "sidecar" runs without the
+# access log (like nginx here), "sidecar-log" with it (the sidecar's default).
+start_sidecar() { # name port admin-port access_log
+    sed -e "s#http://127.0.0.1:18090#http://127.0.0.1:$UPSTREAM_PORT#" \
+        -e "s#^access_log = .*#access_log = $4#" bench/sidecar.toml >"$WORK/$1.toml"
+    log "token-sidecar dev ($1, access_log = $4) on 127.0.0.1:$2 (CPU $SERVER_CPU): $TS_BIN"
+    taskset -c "$SERVER_CPU" env "${NO_SIDECAR_ENV[@]}" RUST_LOG="$TS_RUST_LOG" "$TS_BIN" dev \
+        --config "$WORK/$1.toml" --listen "127.0.0.1:$2" --admin-listen "127.0.0.1:$3" \
+        >"$OUT/$1.stdout" 2>"$OUT/$1.stderr" &
+    local pid=$!
+    PIDS+=("$pid")
+    printf -v "${1//-/_}_PID" '%s' "$pid"
+    wait_ready "$3" "$pid" 20 || { cat "$OUT/$1.stderr" >&2; die "$1 did not become ready"; }
+}
+start_sidecar sidecar "$TS_PORT" "$TS_ADMIN_PORT" false
+case " $TARGETS " in
+    *" sidecar-log "*) start_sidecar sidecar-log "$TS_LOG_PORT" "$TS_LOG_ADMIN_PORT" true ;;
+esac
 
 # What each proxy injects, and that every target answers.
 sidecar_auth=$(curl -s "http://127.0.0.1:$TS_PORT/__auth")
@@ -103,6 +88,7 @@ url_of() {
         direct) echo "http://127.0.0.1:$UPSTREAM_PORT$REQ_PATH" ;;
         nginx) echo "http://127.0.0.1:$NGINX_PORT$REQ_PATH" ;;
         sidecar) echo "http://127.0.0.1:$TS_PORT$REQ_PATH" ;;
+        sidecar-log) echo "http://127.0.0.1:$TS_LOG_PORT$REQ_PATH" ;;
         *) die "unknown target $1" ;;
     esac
 }
@@ -111,6 +97,7 @@ servers_of() {
         direct) echo "$upstream_PID" ;;
         nginx) echo "$proxy_PID $upstream_PID" ;;
         sidecar) echo "$sidecar_PID $upstream_PID" ;;
+        sidecar-log) echo "$sidecar_log_PID $upstream_PID" ;;
     esac
 }
 for t in $TARGETS; do

@@ -42,13 +42,13 @@ def main() -> None:
             f"{med(t, 'max_us'):.0f} | {errors} | {busy} |"
         )
     lines.append("")
-    if "sidecar" in by:
+    for mine in (t for t in order if t.startswith("sidecar")):
         for other in ("nginx", "direct"):
             if other in by:
                 lines.append(
-                    f"- sidecar/{other}: throughput {med('sidecar', 'rps') / med(other, 'rps'):.2f}×, "
-                    f"p50 {med('sidecar', 'p50_us') / med(other, 'p50_us'):.2f}×, "
-                    f"p99 {med('sidecar', 'p99_us') / med(other, 'p99_us'):.2f}×"
+                    f"- {mine}/{other}: throughput {med(mine, 'rps') / med(other, 'rps'):.2f}×, "
+                    f"p50 {med(mine, 'p50_us') / med(other, 'p50_us'):.2f}×, "
+                    f"p99 {med(mine, 'p99_us') / med(other, 'p99_us'):.2f}×"
                 )
     if "nginx" in by and "direct" in by:
         lines.append(

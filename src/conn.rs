@@ -11,7 +11,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,6 +31,9 @@ pub struct Tracker {
     /// When the first byte of a request head arrived while no request was in flight.
     head_started: AtomicU64,
     in_flight: AtomicUsize,
+    /// HTTP/2 clients send frames (SETTINGS acks, WINDOW_UPDATEs, PINGs) between requests; after
+    /// the first request the header clock no longer applies to them, only the idle clock.
+    http2: AtomicBool,
 }
 
 impl Tracker {
@@ -42,6 +45,7 @@ impl Tracker {
             // cut after header_read_timeout, not idle_timeout.
             head_started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            http2: AtomicBool::new(false),
         })
     }
 
@@ -52,7 +56,7 @@ impl Tracker {
     fn on_read(&self) {
         let now = self.now_ms();
         self.last_io.store(now, Ordering::Relaxed);
-        if self.in_flight.load(Ordering::Relaxed) == 0 {
+        if self.in_flight.load(Ordering::Relaxed) == 0 && !self.http2.load(Ordering::Relaxed) {
             let _ =
                 self.head_started
                     .compare_exchange(NONE, now, Ordering::Relaxed, Ordering::Relaxed);
@@ -64,7 +68,10 @@ impl Tracker {
     }
 
     /// A request's head has been parsed and handed to the service.
-    pub fn request_started(self: &Arc<Self>) -> InFlight {
+    pub fn request_started(self: &Arc<Self>, version: http::Version) -> InFlight {
+        if version == http::Version::HTTP_2 {
+            self.http2.store(true, Ordering::Relaxed);
+        }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_started.store(NONE, Ordering::Relaxed);
         InFlight(self.clone())

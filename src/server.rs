@@ -17,15 +17,16 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::cache::{Policy, TokenCache};
 use crate::config::{Config, ProxyConfig};
-use crate::conn::{self, TrackedBody, TrackedIo, Tracker};
+use crate::conn::{self, TrackedBody, TrackedIo, Tracker, Verdict};
 use crate::metrics::Metrics;
 use crate::proxy::{Listener, Proxy, ProxyBody};
 use crate::routes::{Route, RouteError, RouteTable};
@@ -179,56 +180,58 @@ impl Sidecar {
 
     /// Serves until `shutdown` resolves, then drains for up to `shutdown_grace`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let stop = CancellationToken::new();
-        let graceful = Arc::new(GracefulShutdown::new());
         let limits = &self.config.proxy;
-        let admin = Arc::new(Admin::new(self.proxy.clone(), self.metrics.clone()));
-
-        let timeouts = (limits.header_read_timeout, limits.idle_timeout);
-        let mut loops = Vec::new();
         let main_addr = self.proxy_addr();
-        loops.push(tokio::spawn(accept_loop(
+        let admin = Arc::new(Admin::new(self.proxy.clone(), self.metrics.clone()));
+        let conns = Connections {
+            stop: CancellationToken::new(),
+            cut: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
+        };
+
+        let mut listeners = vec![(
             self.main,
             Handler::Proxy(self.proxy.clone(), Listener::Main),
-            builder(limits),
             limits.max_connections,
-            graceful.clone(),
-            stop.clone(),
-            timeouts,
-        )));
+        )];
         for (i, listener) in self.dedicated {
-            loops.push(tokio::spawn(accept_loop(
+            listeners.push((
                 listener,
                 Handler::Proxy(self.proxy.clone(), Listener::Dedicated(i)),
-                builder(limits),
                 limits.max_connections,
-                graceful.clone(),
-                stop.clone(),
-                timeouts,
-            )));
+            ));
         }
-        loops.push(tokio::spawn(accept_loop(
-            self.admin,
-            Handler::Admin(admin),
-            builder(limits),
-            64,
-            graceful.clone(),
-            stop.clone(),
-            timeouts,
-        )));
+        // Probes and scrapes need few connections.
+        listeners.push((self.admin, Handler::Admin(admin), 64));
+        let loops: Vec<_> = listeners
+            .into_iter()
+            .map(|(listener, handler, max)| {
+                tokio::spawn(accept_loop(
+                    listener,
+                    handler,
+                    builder(limits),
+                    max,
+                    conns.clone(),
+                ))
+            })
+            .collect();
         tracing::info!(proxy = %main_addr, routes = self.config.route.len(), "token-sidecar serving");
 
         shutdown.await;
         tracing::info!(grace = ?limits.shutdown_grace, "shutting down: no new connections, draining in-flight requests");
-        stop.cancel();
+        conns.stop.cancel();
         for l in loops {
             let _ = l.await;
         }
-        let graceful = Arc::try_unwrap(graceful).expect("accept loops have ended");
+        conns.tasks.close();
         tokio::select! {
-            _ = graceful.shutdown() => tracing::info!("all connections drained"),
+            _ = conns.tasks.wait() => tracing::info!("all connections drained"),
             _ = tokio::time::sleep(limits.shutdown_grace) => {
                 tracing::warn!("shutdown grace period over; cutting the remaining connections");
+                conns.cut.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(1), conns.tasks.wait()).await;
             }
         }
         // Dropping the cache stops the refreshers.
@@ -267,6 +270,19 @@ fn builder(limits: &ProxyConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// What every connection task shares: the signals to drain and to cut, and the tracker the
+/// shutdown waits on.
+#[derive(Clone)]
+struct Connections {
+    /// Stop accepting; drain connections gracefully (HTTP/2 GOAWAY, HTTP/1 close when idle).
+    stop: CancellationToken,
+    /// The grace period is over: drop whatever is left.
+    cut: CancellationToken,
+    tasks: TaskTracker,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+}
+
 /// Accepts until `stop`; each connection holds a permit, so at most `max_connections` are served
 /// at once and the rest wait in the kernel's backlog.
 async fn accept_loop(
@@ -274,19 +290,16 @@ async fn accept_loop(
     handler: Handler,
     builder: auto::Builder<TokioExecutor>,
     max_connections: usize,
-    graceful: Arc<GracefulShutdown>,
-    stop: CancellationToken,
-    // (header_read_timeout, idle_timeout)
-    timeouts: (Duration, Duration),
+    conns: Connections,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
     loop {
         let permit = tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = conns.stop.cancelled() => break,
             p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
         };
         let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = conns.stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -301,9 +314,9 @@ async fn accept_loop(
         let tracker = Tracker::new();
         let handler = handler.clone();
         let in_service = tracker.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |req: Request<Incoming>| {
             let handler = handler.clone();
-            let in_flight = in_service.request_started();
+            let in_flight = in_service.request_started(req.version());
             async move {
                 let resp = handler.call(req).await;
                 Ok::<_, Infallible>(resp.map(|b| TrackedBody::new(b, in_flight)))
@@ -311,16 +324,46 @@ async fn accept_loop(
         });
         let io = TokioIo::new(TrackedIo::new(stream, tracker.clone()));
         let conn = builder.serve_connection(io, service).into_owned();
-        let conn = graceful.watch(conn);
-        let watchdog = conn::watchdog(tracker, timeouts.0, timeouts.1);
-        tokio::spawn(async move {
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                },
-                why = watchdog => tracing::debug!(%peer, reason = ?why, "connection closed by timeout"),
-            }
+        let conns = conns.clone();
+        conns.tasks.clone().spawn(async move {
+            serve(conn, tracker, &conns, peer).await;
             drop(permit);
         });
+    }
+}
+
+/// Drives one connection until it ends, its watchdog fires, or shutdown drains or cuts it.
+async fn serve<C>(conn: C, tracker: Arc<Tracker>, conns: &Connections, peer: SocketAddr)
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    let mut conn = std::pin::pin!(conn);
+    let watchdog = conn::watchdog(tracker, conns.header_read_timeout, conns.idle_timeout);
+    let mut watchdog = std::pin::pin!(watchdog);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            why = &mut watchdog, if !draining => {
+                tracing::debug!(%peer, reason = ?why, "closing connection");
+                if why == Verdict::HeaderTimeout {
+                    // A client stalling its request head gets no more of our time.
+                    return;
+                }
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            _ = conns.stop.cancelled(), if !draining => {
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            _ = conns.cut.cancelled() => return,
+        }
     }
 }

@@ -570,9 +570,6 @@ async fn an_http2_client_stalling_its_headers_is_cut_after_header_read_timeout()
 }
 
 #[tokio::test]
-#[ignore = "bug: an idle HTTP/2 connection is cut after header_read_timeout instead of \
-            idle_timeout (the client's frames after a response count as a request head \
-            starting)"]
 async fn an_idle_http2_connection_lasts_until_the_idle_timeout() {
     bounded(async {
         if !config_knows("idle_timeout") {
