@@ -63,20 +63,29 @@ stat_run() { # name port pids...
     local name=$1 port=$2 requests
     shift 2
     load 1 "$port"
-    perf stat -x, -e context-switches,raw_syscalls:sys_enter -p "$(echo "$@" | tr ' ' ,)" \
+    local pids
+    pids=$(echo "$@" | tr ' ' ,)
+    perf stat -x, -e context-switches,raw_syscalls:sys_enter,task-clock -p "$pids" \
         -o "$OUT/stat-$name.csv" >/dev/null 2>&1 &
-    local perf_pid=$!
-    PIDS+=("$perf_pid")
+    local stat_pid=$!
+    PIDS+=("$stat_pid")
+    # Without call graphs: only the split between kernel, libc and the program.
+    perf record -F 999 -p "$pids" -o "$OUT/split-$name.data" >/dev/null 2>&1 &
+    local rec_pid=$!
+    PIDS+=("$rec_pid")
     sleep 0.3
     load "$PROFILE_SECONDS" "$port"
-    kill -INT "$perf_pid" 2>/dev/null || true
-    wait "$perf_pid" 2>/dev/null || true
+    kill -INT "$stat_pid" "$rec_pid" 2>/dev/null || true
+    wait "$stat_pid" "$rec_pid" 2>/dev/null || true
     requests=$(sed -n 's/^RESULT requests=\([0-9]*\).*/\1/p' "$OUT/wrk.txt")
     awk -F, -v n="$name" -v r="$requests" '
         $3 == "context-switches" { cs = $1 }
         $3 ~ /sys_enter/ { sc = $1 }
-        END { printf "%-8s %d requests: %.2f context switches and %.2f system calls per request\n",
-              n, r, cs / r, sc / r }' "$OUT/stat-$name.csv" | tee -a "$OUT/per-request.txt" >&2
+        $3 == "task-clock" { ms = $1 }
+        END { printf "%-8s %d requests: %.2f µs of CPU, %.2f context switches, %.2f system calls per request\n",
+              n, r, ms * 1000 / r, cs / r, sc / r }' "$OUT/stat-$name.csv" | tee -a "$OUT/per-request.txt" >&2
+    perf report -i "$OUT/split-$name.data" --sort dso --stdio 2>/dev/null | grep '%' |
+        sed -E 's/[[:space:]]+$//' | head -5 | sed "s/^/    $name: /" | tee -a "$OUT/per-request.txt" >&2
 }
 
 if command -v perf >/dev/null && perf record -o /dev/null -- true >/dev/null 2>&1; then

@@ -25,8 +25,16 @@ if [[ "$(cat "$TOOLS/.requirements" 2>/dev/null)" != "${REQUIREMENTS[*]}" ]] ||
     [[ ! -x "$TOOLS/bin/kubernetes-validate" || ! -x "$TOOLS/bin/yamllint" ||
         ! -x "$TOOLS/bin/kubectl" ]] || ! "$TOOLS/bin/python" -c '' 2>/dev/null; then
     echo "   installing ${REQUIREMENTS[*]} into $TOOLS"
+    # A fresh Debian machine may lack python3 or its venv module: install them when we can.
+    if ! { command -v python3 >/dev/null && python3 -c 'import venv, ensurepip, tomllib'; } 2>/dev/null; then
+        if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+            echo "   installing python3 and python3-venv with apt-get"
+            { apt-get install -y -qq python3 python3-venv ||
+                { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }; } >/dev/null
+        fi
+    fi
     python3 -m venv --clear "$TOOLS" || {
-        echo "python3 -m venv failed (on Debian's own python3: apt-get install python3-venv)" >&2
+        echo "python3 -m venv failed: install Python 3.11+ with venv (Debian: apt-get install python3-venv)" >&2
         exit 1
     }
     "$TOOLS/bin/python" -m pip install --quiet --disable-pip-version-check "${REQUIREMENTS[@]}"

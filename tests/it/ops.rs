@@ -431,3 +431,71 @@ async fn the_key_is_rotated_by_a_secret_volume_symlink_swap() {
     );
     sc.stop().await;
 }
+
+/// `[log] format = "json"`: one JSON object per line, and one access-log event per request with
+/// method, route, host, path without query, status, duration and where the token came from.
+#[tokio::test]
+async fn json_logs_carry_one_access_event_per_request() {
+    use crate::support::process::SidecarProcess;
+    let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
+    let up = Upstream::start().await;
+    let token_url = idp.token_url();
+    let key = fixture("ec_p256_sec1.pem");
+    let upstream = up.url();
+    let mut sc = SidecarProcess::start(move |proxy, admin| {
+        format!(
+            r#"
+[proxy]
+listen = "{proxy}"
+[admin]
+listen = "{admin}"
+[token]
+token_url = "{token_url}"
+allow_insecure_token_url = true
+client_id = "c"
+private_key_file = "{key}"
+[[route]]
+name = "orders"
+path_prefix = "/orders/"
+upstream = "{upstream}"
+allow_insecure_upstream = true
+[log]
+format = "json"
+"#,
+            key = key.display()
+        )
+    })
+    .await;
+    let client = http_client();
+    for path in ["/orders/1?secret=q", "/orders/2", "/nowhere"] {
+        client.get(sc.url(path)).send().await.unwrap();
+    }
+    sc.signal("TERM");
+    assert!(
+        sc.wait_exit(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .success()
+    );
+    let log = sc.log();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let access: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["target"] == "token_sidecar::access")
+        .collect();
+    assert_eq!(access.len(), 3, "{log}");
+    let first = access[0];
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["route"], "orders");
+    assert_eq!(first["path"], "/orders/1", "no query string in the log");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["token"], "cached");
+    assert!(first["host"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(first["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(access[2]["route"], "-");
+    assert_eq!(access[2]["status"], 404);
+    assert!(!log.contains("secret=q"));
+}
