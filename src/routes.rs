@@ -67,7 +67,7 @@ impl Route {
             .map_err(|e| err(format!("upstream host: {e}")))?;
         Ok(Route {
             name: Arc::from(cfg.name.as_str()),
-            host: cfg.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            host: cfg.host.as_deref().map(normalize_host),
             path_prefix: cfg.path_prefix.clone(),
             strip_prefix: cfg.strip_prefix,
             upstream_scheme: scheme,
@@ -129,8 +129,7 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
         return Err("the request path must start with '/'");
     }
     for segment in path.split('/') {
-        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
-        if decoded == "." || decoded == ".." {
+        if is_dot_segment(segment) {
             return Err("the request path must not contain '.' or '..' segments");
         }
         if segment.contains("%2f")
@@ -145,8 +144,32 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// `.` or `..`, also with percent-encoded dots (`%2e`, `%2E`), without allocating.
+fn is_dot_segment(segment: &str) -> bool {
+    let b = segment.as_bytes();
+    let dot_at = |i: usize| -> Option<usize> {
+        match b.get(i)? {
+            b'.' => Some(i + 1),
+            b'%' if b.get(i + 1) == Some(&b'2') && matches!(b.get(i + 2), Some(b'e' | b'E')) => {
+                Some(i + 3)
+            }
+            _ => None,
+        }
+    };
+    match dot_at(0) {
+        Some(end) if end == b.len() => true,
+        Some(end) => dot_at(end) == Some(b.len()),
+        None => false,
+    }
+}
+
 /// Strips an optional port and a trailing dot, lowercases.
 pub fn normalize_host(host: &str) -> String {
+    host_without_port(host).to_ascii_lowercase()
+}
+
+/// The host part of a Host header value, without port or trailing dot, as a borrowed slice.
+fn host_without_port(host: &str) -> &str {
     let h = host.trim();
     let without_port = if h.starts_with('[') {
         // IPv6 literal: keep the brackets, drop what follows them.
@@ -160,7 +183,7 @@ pub fn normalize_host(host: &str) -> String {
             _ => h,
         }
     };
-    without_port.trim_end_matches('.').to_ascii_lowercase()
+    without_port.trim_end_matches('.')
 }
 
 /// All routes, with an index of the main-listener ones.
@@ -179,13 +202,14 @@ impl RouteTable {
 
     /// The best main-listener route for a request, by host then longest path prefix.
     pub fn match_main(&self, host: Option<&str>, path: &str) -> Option<usize> {
-        let host = host.map(normalize_host);
+        // Per request: compare borrowed slices; route hosts were normalized at start-up.
+        let host = host.map(host_without_port);
         let mut best: Option<(usize, (bool, usize))> = None;
         for &i in &self.main {
             let r = &self.routes[i];
-            let host_ok = match (&r.host, &host) {
+            let host_ok = match (&r.host, host) {
                 (None, _) => true,
-                (Some(want), Some(got)) => normalize_host(want) == *got,
+                (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
                 (Some(_), None) => false,
             };
             if !host_ok {
