@@ -85,6 +85,10 @@ busy_count() { # compilations running right now (the usual source of noise here)
 }
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+rss_split() { # "anonymous A kB + file-backed F kB" (the binary's and libraries' mapped pages)
+    awk '/^RssAnon:/ {a = $2} /^RssFile:/ {f = $2} /^RssShmem:/ {s = $2}
+         END {printf "anonymous %d kB + file-backed %d kB", a, f + s}' "/proc/$1/status"
+}
 
 # The release binary: $TS_BIN if set, else `cargo build --release --locked`.
 ensure_binary() {

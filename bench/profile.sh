@@ -58,6 +58,8 @@ load() { # seconds port
         "http://127.0.0.1:$2$REQ_PATH" >"$OUT/wrk.txt" 2>&1 || true
     grep '^RESULT' "$OUT/wrk.txt" >&2 || true
 }
+# perf pads the symbol column to the longest (very long) Rust name: trim it.
+trim() { sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | grep -v '^$'; }
 # Context switches and system calls per request, sidecar vs nginx (same load).
 stat_run() { # name port pids...
     local name=$1 port=$2 requests
@@ -84,8 +86,11 @@ stat_run() { # name port pids...
         $3 == "task-clock" { ms = $1 }
         END { printf "%-8s %d requests: %.2f µs of CPU, %.2f context switches, %.2f system calls per request\n",
               n, r, ms * 1000 / r, cs / r, sc / r }' "$OUT/stat-$name.csv" | tee -a "$OUT/per-request.txt" >&2
-    perf report -i "$OUT/split-$name.data" --sort dso --stdio 2>/dev/null | grep '%' |
-        sed -E 's/[[:space:]]+$//' | head -5 | sed "s/^/    $name: /" | tee -a "$OUT/per-request.txt" >&2
+    # (|| true: `head` closing the pipe early is not a failure)
+    perf report -i "$OUT/split-$name.data" --sort dso --stdio 2>/dev/null | grep '%' | trim |
+        head -5 | sed "s/^/    $name: /" | tee -a "$OUT/per-request.txt" >&2 || true
+    perf report -i "$OUT/split-$name.data" --sort symbol --stdio 2>/dev/null | grep '%' | trim |
+        head -40 >"$OUT/flat-$name.txt" || true
 }
 
 if command -v perf >/dev/null && perf record -o /dev/null -- true >/dev/null 2>&1; then
@@ -105,8 +110,6 @@ if command -v perf >/dev/null && perf record -o /dev/null -- true >/dev/null 2>&
     load "$PROFILE_SECONDS" "$TS_PORT"
     kill -INT "$PERF_PID" 2>/dev/null || true
     wait "$PERF_PID" 2>/dev/null || true
-    # perf pads the symbol column to the longest (very long) Rust name: trim it.
-    trim() { sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | grep -v '^$'; }
     perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio --percent-limit 0.5 \
         -g none 2>/dev/null | trim >"$OUT/flat.txt" || true
     perf report -i "$OUT/perf.data" --children --sort symbol --stdio --percent-limit 2 \
@@ -114,7 +117,7 @@ if command -v perf >/dev/null && perf record -o /dev/null -- true >/dev/null 2>&
     perf report -i "$OUT/perf.data" --no-children --sort dso --stdio -g none \
         2>/dev/null | trim >"$OUT/dso.txt" || true
     log "flat profile (self time):"
-    grep -v '^#' "$OUT/flat.txt" | head -45
+    grep -v '^#' "$OUT/flat.txt" | head -45 || true
     log "inclusive (children) ≥ 3%: $OUT/children.txt; by DSO: $OUT/dso.txt"
 else
     command -v valgrind >/dev/null || apt-get install -y valgrind >/dev/null
@@ -122,6 +125,6 @@ else
     start_dev valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out"
     load "$PROFILE_SECONDS" "$TS_PORT"
     stop_pid "$SIDECAR_PID"
-    callgrind_annotate "$OUT/callgrind.out" 2>/dev/null | head -60 | tee "$OUT/flat.txt"
+    callgrind_annotate "$OUT/callgrind.out" 2>/dev/null | head -60 | tee "$OUT/flat.txt" || true
 fi
 log "profile in $OUT"

@@ -6,7 +6,8 @@
 #   3. idle RSS after start and the first token;
 #   4. RSS with HOLD_CONNS (1000) open idle keep-alive connections that each made one request
 #      (all at once, then HOLD_PARALLEL at a time so that the upstream pool stays small);
-#   5. token requests caused by BURST (1000) concurrent requests on an empty cache (must be 1);
+#   5. token requests caused by BURST (1000) concurrent requests on an empty cache (must be 1),
+#      sent while the first token request is held for BURST_DELAY_MS (3 s) by the endpoint;
 #   6. whether any request waits on a refresh: two REFRESH_DURATION (60 s) wrk runs, tokens of
 #      3600 s and of REFRESH_TTL (10 s), with a token endpoint that takes TOKEN_DELAY_MS (100 ms):
 #      a request that waited would take at least that long.
@@ -16,8 +17,8 @@
 # 3600 s tokens (src/dev.rs) and answers at once. Manual only; about 3 minutes with the defaults.
 # Only 127.0.0.1 is used; every process started is stopped by PID on exit.
 #
-# Environment (defaults): STARTUP_TRIALS=20 HOLD_CONNS=1000 BURST=1000 REFRESH_DURATION=60
-#   REFRESH_TTL=10 TOKEN_DELAY_MS=100 REFRESH_CONNS=32 LOADGEN_CPU=0 SERVER_CPU=1
+# Environment (defaults): STARTUP_TRIALS=20 HOLD_CONNS=1000 BURST=1000 BURST_DELAY_MS=3000
+#   REFRESH_DURATION=60 REFRESH_TTL=10 TOKEN_DELAY_MS=100 REFRESH_CONNS=32 LOADGEN_CPU=0 SERVER_CPU=1
 #   UPSTREAM_PORT=18090 TS_PORT=18080 TS_ADMIN_PORT=18081 TOKEN_PORT=18091 TS_BIN=
 #   HOLD_PARALLEL=8 SKIP_REFRESH= (set to 1 to skip part 6) OUT=target/bench/resources-<timestamp>
 set -euo pipefail
@@ -29,6 +30,7 @@ source bench/lib.sh
 STARTUP_TRIALS=${STARTUP_TRIALS:-20}
 HOLD_CONNS=${HOLD_CONNS:-1000}
 BURST=${BURST:-1000}
+BURST_DELAY_MS=${BURST_DELAY_MS:-3000}
 REFRESH_DURATION=${REFRESH_DURATION:-60}
 REFRESH_TTL=${REFRESH_TTL:-10}
 TOKEN_DELAY_MS=${TOKEN_DELAY_MS:-100}
@@ -68,6 +70,10 @@ token_url = "http://127.0.0.1:$TOKEN_PORT/token"
 allow_insecure_token_url = true
 client_id = "bench-client"
 private_key_file = "$(pwd)/tests/fixtures/keys/ec_p256_sec1.pem"
+
+[log]
+# One log line per request would fill the disk during the refresh runs.
+access_log = false
 
 [[route]]
 name = "bench"
@@ -125,13 +131,13 @@ idle_rss=$(rss_kb "$SIDECAR_PID")
 idle_threads=$(awk '/^Threads:/ {print $2}' "/proc/$SIDECAR_PID/status")
 say "## memory"
 say ""
-say "- idle RSS after start, first token and one request: **$idle_rss kB** ($idle_threads threads)"
+say "- idle RSS after start, first token and one request: **$idle_rss kB** ($(rss_split "$SIDECAR_PID"); $idle_threads threads)"
 
 # 4. 1000 idle keep-alive connections. ---------------------------------------------------------
 # Twice, on a fresh sidecar each: the requests all at once (the upstream pool grows with them),
 # and HOLD_PARALLEL at a time (the pool stays small: the cost of the downstream connections).
 hold_run() { # parallel (0 = all at once)
-    local parallel=$1 held="" held_rss held_fds down up after_rss hwm how
+    local parallel=$1 held="" held_rss held_split held_fds down up after_rss hwm how
     how=$([ "$parallel" = 0 ] && echo "all sent at once" || echo "$parallel at a time")
     log "holding $HOLD_CONNS keep-alive connections ($how)"
     if [ -z "$SIDECAR_PID" ]; then
@@ -153,6 +159,7 @@ hold_run() { # parallel (0 = all at once)
     [ -n "$held" ] || { cat "$WORK/hold.out" >&2; die "could not open $HOLD_CONNS connections"; }
     sleep 0.5
     held_rss=$(rss_kb "$SIDECAR_PID")
+    held_split=$(rss_split "$SIDECAR_PID")
     held_fds=$(find "/proc/$SIDECAR_PID/fd" -mindepth 1 | wc -l)
     down=$(ss -Htn state established "( sport = :$TS_PORT )" | wc -l)
     up=$(ss -Htn state established "( dport = :$UPSTREAM_PORT )" | wc -l)
@@ -161,7 +168,7 @@ hold_run() { # parallel (0 = all at once)
     after_rss=$(rss_kb "$SIDECAR_PID")
     hwm=$(hwm_kb "$SIDECAR_PID")
     set -- ${held#HELD }
-    say "- $HOLD_CONNS idle keep-alive connections, one request each, $how ($1 answered, $2 failed): **$held_rss kB**; $held_fds fds ($down downstream, $up upstream connections established); after they closed: $after_rss kB (VmHWM $hwm kB)"
+    say "- $HOLD_CONNS idle keep-alive connections, one request each, $how ($1 answered, $2 failed): **$held_rss kB** ($held_split); $held_fds fds ($down downstream, $up upstream connections established); after they closed: $after_rss kB (VmHWM $hwm kB)"
     stop_sidecar
 }
 say ""
@@ -170,8 +177,8 @@ hold_run "${HOLD_PARALLEL:-8}"
 say ""
 
 # 5. 1000 concurrent requests on an empty cache. -----------------------------------------------
-log "$BURST concurrent requests on an empty cache (token endpoint delay 1000 ms)"
-token_set "ttl=3600&delay_ms=1000&reset=1"
+log "$BURST concurrent requests on an empty cache (token endpoint delay $BURST_DELAY_MS ms)"
+token_set "ttl=3600&delay_ms=$BURST_DELAY_MS&reset=1"
 start_sidecar burst
 wait_port "$TS_PORT" 10 || die "the sidecar did not listen"
 burst=$(taskset -c "$LOADGEN_CPU" python3 bench/conns.py burst "$TS_PORT" "$BURST" / 15)
@@ -180,7 +187,7 @@ metrics_code=$(metrics_snapshot "$OUT/burst.metrics")
 obtained=$(grep -c 'token obtained' "$OUT/burst.stderr" || true)
 say "## single flight"
 say ""
-say "$BURST concurrent requests sent while the first token request was pending (the endpoint takes 1 s):"
+say "$BURST concurrent requests sent while the first token request was pending (the endpoint takes $BURST_DELAY_MS ms):"
 say '```'
 say "$burst"
 say '```'
@@ -188,7 +195,8 @@ say "token requests received by the token endpoint: $fetches; \"token obtained\"
 if [ "$metrics_code" = 200 ]; then
     say "/metrics (token and cache lines):"
     say '```'
-    grep -Ei '^[a-z_]*(token|cache|fetch|hit|miss)[a-z_]*[ {]' "$OUT/burst.metrics" | tee -a "$REPORT" || true
+    grep -E '^[a-z_]*(cache_(hits|misses|refreshes)|token_fetches)_total[ {]' "$OUT/burst.metrics" |
+        tee -a "$REPORT" || true
     say '```'
 else
     say "(no /metrics endpoint in this build: HTTP $metrics_code)"
@@ -211,7 +219,8 @@ refresh_run() { # label ttl
     line=$(grep '^RESULT' "$file" || echo "RESULT (wrk failed)")
     say "- tokens of ${ttl} s: ${line#RESULT }; token requests during the run: $(( after - before )); busy: $(busy_count)"
     if [ "$code" = 200 ]; then
-        grep -Ei '^[a-z_]*(miss|wait)[a-z_]*[ {]' "$OUT/refresh-$label.metrics" | sed 's/^/    /' | tee -a "$REPORT" || true
+        grep -E '^[a-z_]*cache_(hits|misses|refreshes)_total[ {]' "$OUT/refresh-$label.metrics" |
+            sed 's/^/    /' | tee -a "$REPORT" || true
     fi
     stop_sidecar
 }

@@ -65,7 +65,7 @@ start_sidecar() { # name port admin-port access_log
     log "token-sidecar dev ($1, access_log = $4) on 127.0.0.1:$2 (CPU $SERVER_CPU): $TS_BIN"
     taskset -c "$SERVER_CPU" env "${NO_SIDECAR_ENV[@]}" RUST_LOG="$TS_RUST_LOG" "$TS_BIN" dev \
         --config "$WORK/$1.toml" --listen "127.0.0.1:$2" --admin-listen "127.0.0.1:$3" \
-        >"$OUT/$1.stdout" 2>"$OUT/$1.stderr" &
+        >"$OUT/$1.stdout" 2>>"$OUT/$1.stderr" &
     local pid=$!
     PIDS+=("$pid")
     printf -v "${1//-/_}_PID" '%s' "$pid"
@@ -131,6 +131,13 @@ run_wrk() { # target run-label seconds
     busy1=$(busy_count)
     line=$(grep '^RESULT' "$file" || true)
     [ -n "$line" ] || { cat "$file" >&2; die "wrk failed for $target"; }
+    # The access log grows by ~250 bytes a request: keep its first lines, drop the rest (the file
+    # is opened for appending, so the sidecar keeps writing to the same, now shorter, file).
+    if [ "$target" = sidecar-log ]; then
+        head -c 65536 "$OUT/sidecar-log.stderr" >"$WORK/log-head"
+        : >"$OUT/sidecar-log.stderr"
+        [ -s "$OUT/sidecar-log.head" ] || cp "$WORK/log-head" "$OUT/sidecar-log.head"
+    fi
     [ "$label" = warmup ] && return 0
     local wall_ticks=$(( (t1 - t0) * CLK_TCK / 1000000000 ))
     lg=$(awk '/^LOADGEN_TICKS/ {print $2}' "$file")

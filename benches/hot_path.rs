@@ -10,8 +10,10 @@
 //! - `request/build`: what phase 3 of `src/proxy.rs` does to a realistic request: rewrite the URI
 //!   with `Route::upstream_uri`, force HTTP/1.1, `strip_hop_by_hop`, insert `Host` and the
 //!   ~800-byte `Authorization`.
+//!   `request/upstream_uri` and `request/strip_hop_by_hop` time its two larger parts alone.
 //! - `hot_path/hit_and_build`: both, as one request pays them (the 1 µs target).
-//! - `route/match`: phase 1 (`check_path` and `RouteTable::match_main` over a small table).
+//! - `route/check_path`, `route/match_main`: phase 1 (`check_path`, then
+//!   `RouteTable::match_main` over a table of three routes, one of them matched by host).
 //! - `metrics/record`: phase 6's per-request `RouteMetrics::request` (a counter and a histogram).
 //! - `assertion/sign/*`: `assertion::sign` with each fixture key (RS256, PS256, ES256, ES384,
 //!   EdDSA): the cost of one token request's client assertion.
@@ -266,6 +268,27 @@ fn hot_path(c: &mut Criterion) {
         )
     });
 
+    // The two larger parts of request/build on their own.
+    c.bench_function("request/upstream_uri", |b| {
+        b.iter(|| {
+            route.upstream_uri(
+                black_box("/orders/42/items"),
+                black_box(Some("expand=lines&limit=50")),
+            )
+        })
+    });
+
+    c.bench_function("request/strip_hop_by_hop", |b| {
+        b.iter_batched(
+            || headers.clone(),
+            |mut h| {
+                strip_hop_by_hop(&mut h);
+                h
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
     c.bench_function("hot_path/hit_and_build", |b| {
         b.iter_batched(
             || downstream_request(&headers),
@@ -285,13 +308,15 @@ fn hot_path(c: &mut Criterion) {
         })
     });
 
-    c.bench_function("route/match", |b| {
+    c.bench_function("route/check_path", |b| {
+        b.iter(|| check_path(black_box("/orders/42/items")).is_ok())
+    });
+
+    c.bench_function("route/match_main", |b| {
         b.iter(|| {
-            let path = black_box("/orders/42/items");
-            let ok = check_path(path).is_ok();
-            (
-                ok,
-                f.table.match_main(black_box(Some("127.0.0.1:8080")), path),
+            f.table.match_main(
+                black_box(Some("127.0.0.1:8080")),
+                black_box("/orders/42/items"),
             )
         })
     });

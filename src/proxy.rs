@@ -338,11 +338,23 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(conn) = headers.get(CONNECTION) {
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
+    // `Connection: keep-alive` / `close` name nothing beyond the fixed list; only other tokens
+    // need collecting (the common case allocates nothing).
+    let names_others = headers.get_all(CONNECTION).iter().any(|v| {
+        v.to_str().map_or(true, |v| {
+            v.split(',').any(|t| {
+                let t = t.trim();
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case("keep-alive")
+                    && !t.eq_ignore_ascii_case("close")
+            })
+        })
+    });
+    if names_others {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("").split(','))
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
             .collect();
         for n in named {

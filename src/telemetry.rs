@@ -1,18 +1,27 @@
 //! Logging: `tracing` to stderr, human-readable or JSON, level from `RUST_LOG` (default `info`).
 //!
+//! Lines are handed to a dedicated writer thread, so a request never waits on `write(2)` and a
+//! slow or stalled log pipe does not stall the proxy until the (large) buffer is full. The
+//! returned guard flushes what is buffered when the process ends.
+//!
 //! Secrets never reach a log line because they only exist as [`crate::secret::Secret`] and
 //! sensitive `HeaderValue`s, whose `Debug`/`Display` are redacted.
 
+use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber; a second call (tests) is a no-op.
-pub fn init(format: LogFormat) {
+/// Installs the global subscriber. Keep the guard until exit; a second call is a no-op.
+pub fn init(format: LogFormat) -> WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        // Block rather than drop lines when the buffer is full: logs are evidence.
+        .lossy(false)
+        .finish(std::io::stderr());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder.with_target(false).try_init(),
         // Machines filter on the target: access-log events are `token_sidecar::access`.
@@ -22,4 +31,5 @@ pub fn init(format: LogFormat) {
             .with_target(true)
             .try_init(),
     };
+    guard
 }
