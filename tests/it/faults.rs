@@ -125,10 +125,7 @@ async fn a_hanging_endpoint_with_no_token_gives_503_within_the_timeout() {
 #[tokio::test]
 async fn an_unreachable_endpoint_gives_503_and_is_not_hammered() {
     // A port with nothing listening: connection refused.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = crate::support::process::free_port();
     let up = Upstream::start().await;
     let sc = Running::start(&sidecar_config(
         &format!("http://127.0.0.1:{port}/oauth2/token"),

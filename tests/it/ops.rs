@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use crate::support::faults::{FakeTokenEndpoint, Mode};
 use crate::support::idp::ORDERS;
+use crate::support::process::free_port;
 use crate::support::upstream::Upstream;
 use crate::support::{Running, config, fixture, http_client, route};
 
@@ -30,10 +31,7 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 async fn metrics_count_requests_tokens_and_cache_with_bounded_labels() {
     let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
     let up = Upstream::start().await;
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    let closed = format!("http://127.0.0.1:{}", free_port());
     let routes = [
         route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
         route("down", "/down/", &closed, &["orders:read"], &[ORDERS]),
@@ -345,14 +343,6 @@ async fn get_ready(client: &reqwest::Client, port: u16) -> Option<u16> {
         .await
         .ok()
         .map(|r| r.status().as_u16())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The key file is a Kubernetes Secret volume: `key.pem -> ..data/key.pem`, `..data -> ..v1`.

@@ -52,10 +52,8 @@ async fn no_route_is_404_and_nothing_is_forwarded() {
 async fn upstream_down_is_502_and_slow_upstream_is_504() {
     let idp = idp().await;
     let up = Upstream::start().await;
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    // A port with nothing listening: connection refused.
+    let closed = format!("http://127.0.0.1:{}", crate::support::process::free_port());
     let routes = [
         route("down", "/down/", &closed, &[], &[]),
         route("slow", "/slow/", &up.url(), &[], &[]),
