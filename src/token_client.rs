@@ -6,7 +6,6 @@
 //! on it can never hang longer than that.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
@@ -406,6 +405,3 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
-
-/// Shared handle used by the cache and the CLI.
-pub type SharedClient = Arc<TokenClient>;

@@ -163,8 +163,3 @@ pub fn http_client() -> reqwest::Client {
         .build()
         .unwrap()
 }
-
-/// Token requests made by a sidecar so far, successful or not.
-pub fn fetches(cache: &TokenCache) -> u64 {
-    cache.fetches()
-}
