@@ -78,7 +78,7 @@ async fn until_received(up: &Upstream, n: usize, within: Duration) {
 }
 
 /// Polls new connections to `addr` until one is refused; panics if that takes over `within`.
-/// (A connection the kernel completes just before the listener closes is dropped and retried.)
+/// (A connection the kernel completes or resets just before the listener closes is retried.)
 async fn until_refused(addr: SocketAddr, within: Duration) -> Duration {
     let start = Instant::now();
     loop {
@@ -86,6 +86,9 @@ async fn until_refused(addr: SocketAddr, within: Duration) -> Duration {
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 return start.elapsed();
             }
+            // A handshake that raced the listener's close is reset by the kernel: not served
+            // either; the next attempt is refused.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
             Ok(Err(e)) => panic!("connecting to {addr}: unexpected error {e}"),
             Ok(Ok(_)) | Err(_) => {}
         }
