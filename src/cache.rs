@@ -214,11 +214,20 @@ impl Slot {
         &self.key
     }
 
+    /// The cached token, if it may still be sent at `now`.
+    fn usable(&self, now: Instant) -> Option<Arc<CachedToken>> {
+        self.current.load_full().filter(|t| t.is_usable(now))
+    }
+
+    /// The refresher state. A panic while holding the lock leaves plain data behind, still
+    /// consistent enough to keep serving, so poisoning is ignored.
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A usable token, waiting for the refresher only when none is cached.
     pub async fn token(&self) -> Result<Lease, TokenError> {
-        if let Some(t) = self.current.load_full()
-            && t.is_usable(Instant::now())
-        {
+        if let Some(t) = self.usable(Instant::now()) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Lease {
                 token: t,
@@ -246,16 +255,14 @@ impl Slot {
             // Subscribe before looking, so an update between the look and the wait is not missed.
             let mut updates = self.updates.subscribe();
             let now = Instant::now();
-            if let Some(t) = self.current.load_full()
-                && t.is_usable(now)
-            {
+            if let Some(t) = self.usable(now) {
                 return Ok(t);
             }
             {
                 // During an outage (the last fetch failed) fail fast with that error instead of
                 // queueing behind the refresher, whose next attempt may take the whole request
                 // timeout; the refresher keeps retrying on its own backoff.
-                let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let st = self.state();
                 if let Some(error) = &st.last_error {
                     let retry_in = st
                         .retry_at
@@ -285,7 +292,7 @@ impl Slot {
             tracing::info!(key = %self.key, "token evicted after the upstream rejected it");
             // Fetch now rather than after an earlier failure's backoff: the requests waiting
             // for the replacement would otherwise fail with that stale error.
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = self.state();
             st.retry_at = None;
             st.last_error = None;
             drop(st);
@@ -295,12 +302,10 @@ impl Slot {
 
     /// Whether a usable token is cached, and if not, why.
     pub fn readiness(&self, now: Instant) -> Result<Duration, String> {
-        if let Some(t) = self.current.load_full()
-            && t.is_usable(now)
-        {
+        if let Some(t) = self.usable(now) {
             return Ok(t.usable_until - now);
         }
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = self.state();
         Err(match &st.last_error {
             Some(e) => format!("no valid token: {e}"),
             None => "no token obtained yet".to_string(),
@@ -309,13 +314,13 @@ impl Slot {
 
     /// Whether the refresher's last attempt failed.
     pub fn is_failing(&self) -> bool {
-        self.state.lock().map(|s| s.failures > 0).unwrap_or(true)
+        self.state().failures > 0
     }
 
     /// When the refresher should next fetch: pure in its inputs.
     fn next_fetch_at(&self, now: Instant) -> Instant {
         let due = self.current.load().as_ref().map_or(now, |t| t.refresh_due);
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = self.state();
         match st.retry_at {
             Some(r) => due.max(r),
             None => due,
@@ -333,10 +338,7 @@ impl Slot {
                 }
                 continue;
             }
-            self.state
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .fetching = true;
+            self.state().fetching = true;
             if self.current.load().is_some() {
                 self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
             }
@@ -350,7 +352,7 @@ impl Slot {
                 started.elapsed(),
             );
             {
-                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut st = self.state();
                 st.fetching = false;
                 match result {
                     Ok(token) => {
@@ -375,11 +377,7 @@ impl Slot {
                             st.failures,
                             backoff::random_fraction(),
                         );
-                        let still_usable = self
-                            .current
-                            .load()
-                            .as_ref()
-                            .is_some_and(|t| t.is_usable(Instant::now()));
+                        let still_usable = self.usable(Instant::now()).is_some();
                         tracing::warn!(
                             key = %self.key,
                             error = %error,
