@@ -14,7 +14,7 @@
 #
 # The sidecar runs in its normal mode (`token-sidecar --config`) against bench/fake_token_endpoint.py,
 # a counting token endpoint whose lifetime and delay can be set: `token-sidecar dev` always issues
-# 3600 s tokens (src/dev.rs) and answers at once. Manual only; about 3 minutes with the defaults.
+# 3600 s tokens (src/dev/mod.rs) and answers at once. Manual only; about 3 minutes with the defaults.
 # Only 127.0.0.1 is used; every process started is stopped by PID on exit.
 #
 # Environment (defaults): STARTUP_TRIALS=20 HOLD_CONNS=1000 BURST=1000 BURST_DELAY_MS=3000

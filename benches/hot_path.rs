@@ -1,21 +1,21 @@
-//! Microbenchmarks of the per-request hot path and of assertion signing (issue 6; results and
-//! how to run them in docs/benchmarks.md). Manual only: `cargo bench --bench hot_path`.
+//! Microbenchmarks of the per-request hot path and of assertion signing (results and how to run
+//! them in docs/benchmarks.md). Manual only: `cargo bench --bench hot_path`.
 //!
-//! - `cache/hit`: `Slot::token()` on a slot the refresher has filled. The slot comes from a real
-//!   token cache: `Sidecar::bind` starts `TokenCache::start` against the crate's embedded
-//!   `DevServer` on 127.0.0.1:0, with a registered client using the ES256 fixture key. The
+//! Every benchmark calls the product's own phase functions (`token_sidecar::phases`) on a real
+//! `Sidecar`: `Sidecar::bind` starts the token cache against the crate's embedded `DevServer` on
+//! 127.0.0.1:0, with a registered client using the ES256 fixture key. A change to the request
+//! path is therefore a change to what is measured.
+//!
+//! - `cache/hit`: phase 2, `phases::token` on a route whose slot the refresher has filled. The
 //!   future is polled once outside the runtime: a cache hit completes on its first poll, and
 //!   outside a runtime context Tokio's clock is the plain monotonic clock even though the bench
 //!   build unifies Tokio's `test-util` feature in (inside a runtime it would take a mutex).
-//! - `request/build`: what phase 3 of `src/proxy.rs` does to a realistic request: rewrite the URI
-//!   with `Route::upstream_uri`, force HTTP/1.1, `strip_hop_by_hop`, insert `Host` and the
-//!   ~800-byte `Authorization`.
-//!   `request/upstream_uri` and `request/strip_hop_by_hop` time its two larger parts alone.
-//! - `hot_path/hit_and_build`: both, as one request pays them (the 1 µs target).
-//! - `route/check_path`, `route/match_main`: phase 1 (`check_path`, then
-//!   `RouteTable::match_main` over a table of three routes, one of them matched by host).
-//! - `metrics/record`: phase 6's per-request `RouteMetrics::request` (a counter and a histogram).
-//! - `assertion/sign/*`: `assertion::sign` with each fixture key (RS256, PS256, ES256, ES384,
+//! - `request/build`: phase 3, `phases::upstream_request` (URI rewrite, hop-by-hop headers,
+//!   `Host`) then `phases::authorize` (the ~800-byte `Authorization`), on a realistic request.
+//! - `hot_path/hit_and_build`: phases 1–3 as one request pays them (the 1 µs target).
+//! - `route/route`: phase 1, `Proxy::route` over a table of three routes, one matched by host.
+//! - `log/metrics`: phase 6 with the access log off (a counter and a histogram).
+//! - `assertion/sign/*`: `sign_assertion` with each fixture key (RS256, PS256, ES256, ES384,
 //!   EdDSA): the cost of one token request's client assertion.
 
 use std::future::Future;
@@ -28,20 +28,18 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use http::header::{AUTHORIZATION, HOST};
-use http::{HeaderMap, HeaderValue, Method, Request, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 
-use token_sidecar::cache::Slot;
-use token_sidecar::config::{Config, from_toml_str};
-use token_sidecar::devserver::{DevClient, DevServer, DevServerConfig};
-use token_sidecar::key::{Algorithm, SigningKey};
-use token_sidecar::metrics::Metrics;
-use token_sidecar::proxy::strip_hop_by_hop;
-use token_sidecar::routes::{Route, RouteTable, check_path};
-use token_sidecar::server::Sidecar;
-use token_sidecar::token_client::TokenClient;
+// Support code shared with the integration tests, as hyper's benches share theirs.
+#[path = "../tests/it/support/config.rs"]
+mod config;
 
-const CLIENT_ID: &str = "bench-client";
+use config::{CLIENT_ID, RouteBuilder, SidecarConfig};
+use token_sidecar::phases::{self, Ctx, Listener, Proxy};
+use token_sidecar::{
+    Algorithm, Config, DevClient, DevServer, DevServerConfig, Sidecar, SigningKey, sign_assertion,
+};
+
 const SCOPE: &str = "orders:read";
 const AUDIENCE: &str = "https://orders.internal.example.com";
 
@@ -60,59 +58,34 @@ fn poll_once<F: Future>(fut: F) -> Option<F::Output> {
     }
 }
 
+/// Three routes, built with the same typed builder the integration tests use.
 fn config(token_url: &str) -> Config {
-    let key = fixture("ec_p256_sec1.pem");
-    let text = format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[token]
-token_url = "{token_url}"
-allow_insecure_token_url = true
-client_id = "{CLIENT_ID}"
-private_key_file = "{key}"
-
-[[route]]
-name = "orders"
-path_prefix = "/orders/"
-strip_prefix = true
-upstream = "http://127.0.0.1:9/api/"
-allow_insecure_upstream = true
-scope = ["{SCOPE}"]
-audience = ["{AUDIENCE}"]
-
-[[route]]
-name = "billing"
-path_prefix = "/billing/"
-upstream = "http://127.0.0.1:9/"
-allow_insecure_upstream = true
-scope = ["billing:read"]
-audience = ["https://billing.internal.example.com"]
-
-[[route]]
-name = "admin"
-host = "admin.internal.example.com"
-upstream = "http://127.0.0.1:9/"
-allow_insecure_upstream = true
-"#,
-        key = key.display()
-    );
-    from_toml_str(&text).expect("bench config is valid")
+    SidecarConfig::new(token_url, fixture("ec_p256_sec1.pem"))
+        .route(
+            RouteBuilder::path("orders", "/orders/", "http://127.0.0.1:9/api/")
+                .scope(&[SCOPE])
+                .audience(&[AUDIENCE]),
+        )
+        .route(
+            RouteBuilder::path("billing", "/billing/", "http://127.0.0.1:9/")
+                .with(|r| r.strip_prefix = false)
+                .scope(&["billing:read"])
+                .audience(&["https://billing.internal.example.com"]),
+        )
+        .route(RouteBuilder::host(
+            "admin",
+            "admin.internal.example.com",
+            "http://127.0.0.1:9/",
+        ))
+        .build()
 }
 
-/// Everything the cache benchmark needs, alive for the whole run.
+/// Everything the benchmarks need, alive for the whole run.
 struct Fixture {
     _rt: tokio::runtime::Runtime,
     _authz: DevServer,
     _sidecar: Sidecar,
-    slot: Arc<Slot>,
-    routes: Vec<Route>,
-    table: RouteTable,
-    authorization: HeaderValue,
+    proxy: Arc<Proxy>,
 }
 
 fn setup() -> Fixture {
@@ -129,7 +102,7 @@ fn setup() -> Fixture {
         None,
     )
     .expect("fixture key parses");
-    let (authz, sidecar, authorization) = rt.block_on(async {
+    let (authz, sidecar) = rt.block_on(async {
         let authz = DevServer::start(DevServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             clients: vec![DevClient {
@@ -144,61 +117,31 @@ fn setup() -> Fixture {
         })
         .await
         .expect("dev server starts");
-        let cfg = config(authz.token_url());
-        // A token of the same kind the cache holds, for the request-building benchmark.
-        let client = TokenClient::new(&cfg.token).expect("token client");
-        let route_key = Route::from_config(&cfg.route[0], &Metrics::new())
-            .expect("route")
-            .token_key;
-        let token = client
-            .fetch(&route_key)
+        let sidecar = Sidecar::bind(config(authz.token_url()))
             .await
-            .expect("dev server issues a token");
-        let sidecar = Sidecar::bind(cfg).await.expect("sidecar binds");
-        (authz, sidecar, token.authorization().clone())
+            .expect("sidecar binds");
+        (authz, sidecar)
     });
+    let proxy = sidecar.proxy();
 
-    let cfg = config("http://127.0.0.1:9/token");
-    let metrics = Metrics::new();
-    let routes: Vec<Route> = cfg
-        .route
-        .iter()
-        .map(|r| Route::from_config(r, &metrics).expect("route"))
-        .collect();
-    let slot = sidecar
-        .cache()
-        .slot(&routes[0].token_key)
-        .expect("the route has a slot");
-    // Wait (bounded) for the refresher's first token.
+    // Wait (bounded) for the refresher's first token of the benchmarked route.
+    let req = downstream_request(&downstream_headers());
     let mut filled = false;
     for _ in 0..500 {
-        if slot.readiness(tokio::time::Instant::now()).is_ok() {
+        let mut ctx = Ctx::new(&req, false);
+        let route = proxy.route(Listener::Main, &req, &mut ctx).expect("routed");
+        if poll_once(phases::token(route, &mut ctx)).is_some_and(|r| r.is_ok()) {
             filled = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(filled, "the refresher did not fill the slot within 5 s");
-    assert!(
-        poll_once(slot.token()).is_some_and(|r| r.is_ok()),
-        "a filled slot answers on the first poll"
-    );
-
-    let table_routes: Vec<Route> = cfg
-        .route
-        .iter()
-        .map(|r| Route::from_config(r, &metrics).expect("route"))
-        .collect();
-    let dedicated = vec![false; table_routes.len()];
-    let table = RouteTable::new(table_routes, &dedicated);
     Fixture {
         _rt: rt,
         _authz: authz,
         _sidecar: sidecar,
-        slot,
-        routes,
-        table,
-        authorization,
+        proxy,
     }
 }
 
@@ -234,56 +177,28 @@ fn downstream_request(headers: &HeaderMap) -> Request<()> {
     req
 }
 
-/// Phase 3 of `Proxy::forward` (src/proxy.rs), on a request already routed.
-fn build_upstream_request(
-    route: &Route,
-    authorization: &HeaderValue,
-    req: Request<()>,
-) -> Request<()> {
-    let (mut parts, body) = req.into_parts();
-    parts.uri = route
-        .upstream_uri(parts.uri.path(), parts.uri.query())
-        .expect("mappable");
-    parts.version = Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(HOST, route.upstream_host.clone());
-    parts.headers.insert(AUTHORIZATION, authorization.clone());
-    Request::from_parts(parts, body)
-}
-
 fn hot_path(c: &mut Criterion) {
     let f = setup();
+    let proxy = &*f.proxy;
     let headers = downstream_headers();
-    let route = &f.routes[0];
+    let req = downstream_request(&headers);
+    let mut ctx = Ctx::new(&req, false);
+    let route = proxy.route(Listener::Main, &req, &mut ctx).expect("routed");
+    let lease = poll_once(phases::token(route, &mut ctx))
+        .expect("a filled slot answers on the first poll")
+        .expect("a usable token");
 
     c.bench_function("cache/hit", |b| {
-        b.iter(|| black_box(poll_once(black_box(&f.slot).token())))
+        b.iter(|| black_box(poll_once(phases::token(black_box(route), &mut ctx))))
     });
 
     c.bench_function("request/build", |b| {
         b.iter_batched(
-            || downstream_request(&headers),
-            |req| build_upstream_request(route, &f.authorization, req),
-            BatchSize::SmallInput,
-        )
-    });
-
-    // The two larger parts of request/build on their own.
-    c.bench_function("request/upstream_uri", |b| {
-        b.iter(|| {
-            route.upstream_uri(
-                black_box("/orders/42/items"),
-                black_box(Some("expand=lines&limit=50")),
-            )
-        })
-    });
-
-    c.bench_function("request/strip_hop_by_hop", |b| {
-        b.iter_batched(
-            || headers.clone(),
-            |mut h| {
-                strip_hop_by_hop(&mut h);
-                h
+            || downstream_request(&headers).into_parts().0,
+            |mut parts| {
+                phases::upstream_request(route, &mut parts).expect("mappable");
+                phases::authorize(&mut parts, &lease);
+                parts
             },
             BatchSize::SmallInput,
         )
@@ -293,32 +208,31 @@ fn hot_path(c: &mut Criterion) {
         b.iter_batched(
             || downstream_request(&headers),
             |req| {
-                let lease = poll_once(f.slot.token());
-                (lease, build_upstream_request(route, &f.authorization, req))
+                let mut ctx = Ctx::new(&req, false);
+                let route = proxy.route(Listener::Main, &req, &mut ctx).expect("routed");
+                let lease = poll_once(phases::token(route, &mut ctx))
+                    .expect("ready")
+                    .expect("token");
+                let (mut parts, _) = req.into_parts();
+                phases::upstream_request(route, &mut parts).expect("mappable");
+                phases::authorize(&mut parts, &lease);
+                parts
             },
             BatchSize::SmallInput,
         )
     });
 
-    c.bench_function("metrics/record", |b| {
+    c.bench_function("route/route", |b| {
         b.iter(|| {
-            route
-                .metrics
-                .request(black_box(200), black_box(Duration::from_micros(700)))
+            let mut ctx = Ctx::new(&req, false);
+            proxy
+                .route(Listener::Main, black_box(&req), &mut ctx)
+                .is_ok()
         })
     });
 
-    c.bench_function("route/check_path", |b| {
-        b.iter(|| check_path(black_box("/orders/42/items")).is_ok())
-    });
-
-    c.bench_function("route/match_main", |b| {
-        b.iter(|| {
-            f.table.match_main(
-                black_box(Some("127.0.0.1:8080")),
-                black_box("/orders/42/items"),
-            )
-        })
+    c.bench_function("log/metrics", |b| {
+        b.iter(|| proxy.log(black_box(&ctx), black_box(StatusCode::OK)))
     });
 }
 
@@ -338,7 +252,7 @@ fn signing(c: &mut Criterion) {
                 .expect("fixture key parses");
         g.bench_function(name, |b| {
             b.iter(|| {
-                token_sidecar::assertion::sign(
+                sign_assertion(
                     &key,
                     "orders-service",
                     "https://hydra.example.com/oauth2/token",

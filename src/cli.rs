@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use jsonwebtoken::Algorithm;
 
 use crate::config::{self, Config};
 
@@ -42,7 +41,7 @@ enum Command {
     Jwks,
     /// Write a new private key (PEM, mode 0600) and print its public JWK Set.
     Keygen {
-        /// ES256, ES384, RS256, RS384, RS512, PS256, PS384, PS512 or EdDSA.
+        /// One of the supported JOSE algorithms (RS/PS 256/384/512, ES256, ES384, EdDSA).
         #[arg(long, default_value = "ES256")]
         alg: String,
         /// Where to write the private key.
@@ -55,12 +54,15 @@ enum Command {
     /// Run with an embedded development authorization server (loopback only; never in production).
     ///
     /// Without --config (or SIDECAR_CONFIG) it serves /echo/ to a built-in echo upstream; with
-    /// one it keeps your routes and key and replaces only the token endpoint.
+    /// one it keeps your routes and listeners and replaces the token endpoint (and the key or
+    /// secret when not usable), printing one line per replaced setting. SIDECAR_* variables
+    /// apply either way, as for `run`.
+    #[cfg(feature = "dev")]
     Dev {
-        /// Main listener (default: 127.0.0.1:8080, or the config's proxy.listen).
+        /// Main listener; overrides proxy.listen from the config and the environment.
         #[arg(long, value_name = "ADDR")]
         listen: Option<std::net::SocketAddr>,
-        /// Admin listener (default: 127.0.0.1:9090, or the config's admin.listen).
+        /// Admin listener; overrides admin.listen from the config and the environment.
         #[arg(long, value_name = "ADDR")]
         admin_listen: Option<std::net::SocketAddr>,
     },
@@ -75,6 +77,7 @@ pub fn main() -> ExitCode {
         Command::Token { scopes, audiences } => token(&path, &scopes, &audiences),
         Command::Jwks => jwks(&path),
         Command::Keygen { alg, out, force } => keygen(&alg, &out, force),
+        #[cfg(feature = "dev")]
         Command::Dev {
             listen,
             admin_listen,
@@ -140,7 +143,7 @@ fn run(path: &Path) -> ExitCode {
 }
 
 /// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -168,12 +171,12 @@ fn check_config(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     // Loading the key proves the file parses and fits signing_alg, which validation alone cannot.
-    if let Err(e) = crate::token_client::TokenClient::new(&config.token) {
+    if let Err(e) = crate::token::client::TokenClient::new(&config.token) {
         eprintln!("invalid config: {e}");
         return ExitCode::from(2);
     }
     for r in &config.route {
-        if let Err(e) = crate::upstream::Upstream::new(r) {
+        if let Err(e) = crate::proxy::upstream::Upstream::new(r) {
             eprintln!("invalid config: route {}: {e}", r.name);
             return ExitCode::from(2);
         }
@@ -190,7 +193,7 @@ fn token(path: &Path, scopes: &[String], audiences: &[String]) -> ExitCode {
     };
     let _log = crate::telemetry::init(config.log.format);
     runtime(1).block_on(async move {
-        let client = match crate::token_client::TokenClient::new(&config.token) {
+        let client = match crate::token::client::TokenClient::new(&config.token) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("invalid config: {e}");
@@ -226,7 +229,7 @@ fn jwks(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match crate::token_client::TokenClient::new(&config.token) {
+    match crate::token::client::TokenClient::new(&config.token) {
         Ok(client) => match client.key_source() {
             Some(source) => {
                 let set = serde_json::json!({ "keys": [source.current().public_jwk()] });
@@ -250,7 +253,8 @@ fn jwks(path: &Path) -> ExitCode {
 fn keygen(alg: &str, out: &Path, force: bool) -> ExitCode {
     let Some(alg) = crate::key::parse_alg(alg) else {
         eprintln!(
-            "keygen: unsupported --alg {alg:?}; one of ES256 ES384 RS256 RS384 RS512 PS256 PS384 PS512 EdDSA"
+            "keygen: unsupported --alg {alg:?}; one of {}",
+            crate::key::supported_list()
         );
         return ExitCode::from(2);
     };
@@ -267,11 +271,7 @@ fn keygen(alg: &str, out: &Path, force: bool) -> ExitCode {
     }
     let name = crate::key::alg_name(alg);
     eprintln!("wrote {} ({name}, kid {})", out.display(), key.kid());
-    // A PEM cannot carry the algorithm; only RS256 (RSA), ES256, ES384 and EdDSA are derived.
-    if !matches!(
-        alg,
-        Algorithm::RS256 | Algorithm::ES256 | Algorithm::ES384 | Algorithm::EdDSA
-    ) {
+    if !crate::key::is_implied_by_key(alg) {
         eprintln!("set token.signing_alg = \"{name}\" in sidecar.toml to sign with {name}");
     }
     let set = serde_json::json!({ "keys": [key.public_jwk()] });
@@ -279,31 +279,42 @@ fn keygen(alg: &str, out: &Path, force: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `dev`: the same layering as `run` (defaults < the file, or the built-in echo config without
+/// one < `SIDECAR_*` < the flags), but validated only after dev has replaced what it must.
+#[cfg(feature = "dev")]
 fn dev(
     config_path: Option<&Path>,
     listen: Option<std::net::SocketAddr>,
     admin_listen: Option<std::net::SocketAddr>,
 ) -> ExitCode {
-    let config = match config_path {
-        Some(p) => match load(p) {
-            Ok(c) => Some(c),
-            Err(code) => return code,
-        },
-        None => None,
+    let builtin = crate::dev::builtin_config();
+    let base = match config_path {
+        Some(p) => config::Base::File(p),
+        None => config::Base::Builtin(&builtin),
     };
-    let format = config.as_ref().map(|c| c.log.format).unwrap_or_default();
-    let workers = config.as_ref().map_or(0, |c| c.proxy.worker_threads);
-    let _log = crate::telemetry::init(format);
+    let config = match config::layered(base) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let _log = crate::telemetry::init(config.log.format);
+    let workers = config.proxy.worker_threads;
     eprintln!("{}", crate::dev::BANNER);
     runtime(workers).block_on(async move {
         let dev = match crate::dev::Dev::start(crate::dev::DevOptions {
-            config,
+            config: Some(config),
             listen,
             admin_listen,
         })
         .await
         {
             Ok(d) => d,
+            Err(crate::dev::DevError::Config(e)) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
             Err(e) => {
                 eprintln!("token-sidecar dev: {e}");
                 return match e {
@@ -312,6 +323,9 @@ fn dev(
                 };
             }
         };
+        for line in dev.replacements() {
+            eprintln!("dev: {line}");
+        }
         println!("{}", dev.summary());
         let (sidecar, rest) = dev.into_parts();
         sidecar.run(shutdown_signal()).await;

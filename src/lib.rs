@@ -4,55 +4,62 @@
 //!
 //! # Layout
 //!
-//! Configuration and start-up:
-//! - [`config`] — `sidecar.toml` + `SIDECAR_*` environment, strict parsing, validation that names
-//!   every bad key.
-//! - [`cli`] — the command line (`run`, `check-config`, …); `main.rs` only calls it.
-//! - [`server`] — binds listeners, runs the accept loops, graceful shutdown.
-//! - [`conn`] — per-connection header-read and idle timeouts.
-//! - [`telemetry`] — logging.
+//! Layers, each a folder; dependencies point one way: key → token → proxy → server.
 //!
-//! Tokens:
-//! - [`secret`] — the `Secret` newtype whose `Debug` never shows the value.
-//! - [`key`] — the signing key from a PEM or JWK file, re-read when the file changes.
-//! - [`assertion`] — the RFC 7523 client assertion.
-//! - [`token`] — token key, RFC 6749 response and error types, the pure response parser.
-//! - [`token_client`] — one token request with the SPEC §2 retry policy.
-//! - [`cache`] — one slot per key, refreshed ahead of expiry by a single refresher per key.
-//! - [`backoff`] — exponential backoff with jitter.
+//! - [`config`](crate::config) — `sidecar.toml` + `SIDECAR_*` environment: schema with its
+//!   defaults, loading, validation that names every bad key.
+//! - `key/` — the signing key: the one algorithm catalogue, decoding PEM and JWK files through
+//!   maintained crates, re-reading the file when it changes.
+//! - `token/` — the cache key and RFC 6749 response types, the RFC 7523 assertion, the token
+//!   client (request building separate from sending), the refresh-ahead cache, backoff.
+//! - `proxy/` — the request path as named phase functions, routes, header rules, the upstream
+//!   pool, and the one place errors become responses.
+//! - `server/` — listeners, the one accept loop, the per-connection watchdog, the admin
+//!   endpoints, graceful shutdown.
+//! - `metrics` — Prometheus metrics; reads the token cache at scrape time, read by the server.
+//! - `dev/` (cargo feature `dev`, on by default) — `token-sidecar dev`: the strict development
+//!   authorization server and the echo upstream.
+//! - `cli` — the command line; `main.rs` only calls it.
+//! - Foundations: `secret` (redacting newtype), `tls` (trust roots), `telemetry` (logging),
+//!   `util` (Unix time, error chains).
 //!
-//! The request path (read [`proxy`] top to bottom):
-//! - [`routes`] — route table and matching, upstream URI rewriting.
-//! - [`proxy`] — the phases route → token → upstream request → forward → response.
-//! - [`upstream`] — the pooled HTTP/1.1 + HTTP/2 client per route.
-//! - [`tls`] — trust roots and extra CA files.
-//! - [`respond`] — the one place where errors become SPEC §5 responses.
-//! - [`admin`] — `/healthz`, `/readyz`, `/metrics`.
-//! - [`metrics`] — Prometheus metrics, resolved per route at start-up.
-//!
-//! Development:
-//! - [`devserver`] — the embedded, strict development authorization server.
-//! - [`dev`] — `token-sidecar dev`, the sidecar wired to it, and the echo upstream.
+//! `docs/spec.md` is the contract the code follows; doc comments cite its sections.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod assertion;
-pub mod backoff;
-pub mod cache;
-pub mod cli;
-pub mod config;
-pub mod conn;
-pub mod dev;
-pub mod devserver;
-pub mod key;
-pub mod metrics;
-pub mod proxy;
-pub mod respond;
-pub mod routes;
-pub mod secret;
-pub mod server;
-pub mod telemetry;
-pub mod tls;
-pub mod token;
-pub mod token_client;
-pub mod upstream;
+mod cli;
+mod config;
+#[cfg(feature = "dev")]
+mod dev;
+mod key;
+mod metrics;
+mod proxy;
+mod secret;
+mod server;
+mod telemetry;
+mod tls;
+mod token;
+mod util;
+
+// The surface: what `main.rs`, the integration tests and the benchmarks use. Everything else is
+// crate-private, so the compiler reports what nothing uses.
+pub use cli::main as run_cli;
+pub use config::{
+    AdminConfig, AudienceParam, AuthMethod, Config, ConfigError, LogConfig, LogFormat, ProxyConfig,
+    RouteConfig, TokenConfig, from_toml_str,
+};
+#[cfg(feature = "dev")]
+pub use dev::authz::{DevClient, DevServer, DevServerConfig};
+#[cfg(feature = "dev")]
+pub use dev::{Dev, DevError, DevOptions, ECHO_AUDIENCE, ECHO_SCOPE};
+pub use key::{Algorithm, SigningKey};
+pub use secret::Secret;
+pub use server::{Sidecar, StartError};
+pub use token::assertion::{new_jti, sign as sign_assertion};
+pub use token::cache::{Slot, TokenCache};
+pub use token::response::{jwt_claims, jwt_exp};
+
+/// The request path's phase functions and the context they share, so the benchmarks measure
+/// the product itself (see `proxy/mod.rs` for the order).
+pub mod phases {
+    pub use crate::proxy::{Ctx, Listener, Proxy, authorize, token, upstream_request};
+}

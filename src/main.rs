@@ -1,5 +1,5 @@
 #![forbid(unsafe_code)]
 
 fn main() -> std::process::ExitCode {
-    token_sidecar::cli::main()
+    token_sidecar::run_cli()
 }

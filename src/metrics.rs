@@ -6,7 +6,7 @@
 //! events (seconds until each route's token expires, whether a refresh is failing, cache
 //! counters kept by the slots) are read at scrape time by a collector.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -19,7 +19,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::time::Instant;
 
-use crate::cache::Slot;
+use crate::token::cache::{Slot, TokenCache};
+use crate::token::client::FetchOutcome;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
@@ -37,52 +38,9 @@ struct OutcomeLabel {
     outcome: String,
 }
 
-/// How a token fetch ended, as counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FetchOutcome {
-    Ok,
-    /// The server refused (RFC 6749 error that retrying cannot fix).
-    Rejected,
-    /// Unreachable, timed out, 5xx.
-    Unavailable,
-    /// A 200 whose body is not a usable token response.
-    Invalid,
-}
-
-impl FetchOutcome {
-    fn index(self) -> usize {
-        self as usize
-    }
-    const ALL: [(FetchOutcome, &'static str); 4] = [
-        (FetchOutcome::Ok, "ok"),
-        (FetchOutcome::Rejected, "rejected"),
-        (FetchOutcome::Unavailable, "unavailable"),
-        (FetchOutcome::Invalid, "invalid"),
-    ];
-}
-
-/// The token-side metrics the cache records into.
-#[derive(Debug, Clone)]
-pub struct TokenMetrics {
-    fetches: [Counter; 4],
-    fetch_duration: Histogram,
-}
-
-impl TokenMetrics {
-    pub fn fetched(&self, outcome: FetchOutcome, took: Duration) {
-        self.fetches[outcome.index()].inc();
-        self.fetch_duration.observe(took.as_secs_f64());
-    }
-
-    /// Fetches counted so far with `outcome`.
-    pub fn count(&self, outcome: FetchOutcome) -> u64 {
-        self.fetches[outcome.index()].get()
-    }
-}
-
 /// One route's per-request metrics, resolved once.
 #[derive(Debug, Clone)]
-pub struct RouteMetrics {
+pub(crate) struct RouteMetrics {
     /// 1xx … 5xx.
     by_class: [Counter; 5],
     duration: Histogram,
@@ -90,24 +48,33 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
-    pub fn request(&self, status: u16, took: Duration) {
+    pub(crate) fn request(&self, status: u16, took: Duration) {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         self.by_class[class].inc();
         self.duration.observe(took.as_secs_f64());
     }
 
-    pub fn upstream_error(&self) {
+    pub(crate) fn upstream_error(&self) {
         self.upstream_errors.inc();
+    }
+
+    /// Handles that no registry exports, for tests that build routes by hand.
+    #[cfg(test)]
+    pub(crate) fn unregistered() -> RouteMetrics {
+        RouteMetrics {
+            by_class: Default::default(),
+            duration: request_histogram(),
+            upstream_errors: Counter::default(),
+        }
     }
 }
 
 /// The registry and the handles into it.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     requests: Family<RouteClass, Counter>,
     request_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
     upstream_errors: Family<RouteLabel, Counter>,
-    token: TokenMetrics,
     state: Arc<StateCollector>,
 }
 
@@ -122,14 +89,9 @@ fn request_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.5, 13))
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    pub fn new() -> Metrics {
+    /// The registry, reading the token side from `cache` at scrape time.
+    pub(crate) fn new(cache: &TokenCache) -> Metrics {
         let mut registry = Registry::with_prefix("token_sidecar");
         let requests = Family::<RouteClass, Counter>::default();
         registry.register(
@@ -153,43 +115,36 @@ impl Metrics {
             "Requests that could not be delivered to the upstream (connect, TLS, reset), by route",
             upstream_errors.clone(),
         );
-        let fetches = Family::<OutcomeLabel, Counter>::default();
-        registry.register(
-            "token_fetches",
-            "Token requests to the authorization server, by outcome (ok, rejected, unavailable, invalid)",
-            fetches.clone(),
-        );
-        let fetch_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
         registry.register_with_unit(
             "token_fetch_duration",
             "Duration of token fetches, retries included",
             Unit::Seconds,
-            fetch_duration.clone(),
+            cache.fetch_duration().clone(),
         );
-        let token = TokenMetrics {
-            fetches: FetchOutcome::ALL.map(|(_, name)| {
-                fetches
-                    .get_or_create(&OutcomeLabel {
-                        outcome: name.to_string(),
-                    })
-                    .clone()
-            }),
-            fetch_duration,
-        };
-        let state = Arc::new(StateCollector::default());
+        let state = Arc::new(StateCollector {
+            slots: cache.slots().to_vec(),
+            routes: Mutex::new(Vec::new()),
+        });
         registry.register_collector(Box::new(state.clone()));
         Metrics {
             registry,
             requests,
             request_duration,
             upstream_errors,
-            token,
             state,
         }
     }
 
-    /// The per-request handles for `route`; call once per route at start-up.
-    pub fn route(&self, route: &str) -> RouteMetrics {
+    /// The per-request handles for `route`, whose token comes from `slot` (`None` for the
+    /// requests that matched no route); call once per route at start-up.
+    pub(crate) fn route(&self, route: &str, slot: Option<&Arc<Slot>>) -> RouteMetrics {
+        if let Some(slot) = slot {
+            self.state
+                .routes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((route.to_string(), slot.clone()));
+        }
         let label = RouteLabel {
             route: route.to_string(),
         };
@@ -207,17 +162,8 @@ impl Metrics {
         }
     }
 
-    pub fn token(&self) -> TokenMetrics {
-        self.token.clone()
-    }
-
-    /// Tells the scrape-time collector which routes use which slots.
-    pub fn watch_routes(&self, routes: Vec<(String, Arc<Slot>)>) {
-        let _ = self.state.routes.set(routes);
-    }
-
     /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -226,23 +172,29 @@ impl Metrics {
     }
 }
 
-/// Reads state at scrape time: cache counters and per-route token expiry.
-#[derive(Debug, Default)]
+/// Reads state at scrape time: fetch and cache counters of every slot, per-route token expiry.
+#[derive(Debug)]
 struct StateCollector {
-    routes: OnceLock<Vec<(String, Arc<Slot>)>>,
+    slots: Vec<Arc<Slot>>,
+    /// Each route and the slot it takes its token from (routes with equal sets share one).
+    routes: Mutex<Vec<(String, Arc<Slot>)>>,
 }
 
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(routes) = self.routes.get() else {
-            return Ok(());
-        };
-        // Slots are shared by routes with equal sets; count each slot once.
-        let mut slots: Vec<&Arc<Slot>> = Vec::new();
-        for (_, s) in routes {
-            if !slots.iter().any(|x| Arc::ptr_eq(x, s)) {
-                slots.push(s);
-            }
+        let slots = &self.slots;
+        let mut me = encoder.encode_descriptor(
+            "token_fetches",
+            "Token requests to the authorization server, by outcome (ok, rejected, unavailable, invalid)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, name) in FetchOutcome::ALL {
+            let label = OutcomeLabel {
+                outcome: name.to_string(),
+            };
+            let n: u64 = slots.iter().map(|s| s.stats.fetches(outcome)).sum();
+            ConstCounter::new(n).encode(me.encode_family(&label)?)?;
         }
         let sum = |f: fn(&Slot) -> u64| slots.iter().map(|s| f(s)).sum::<u64>();
         for (name, help, value) in [
@@ -267,6 +219,7 @@ impl Collector for StateCollector {
             c.encode(me)?;
         }
 
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let mut me = encoder.encode_descriptor(
             "token_expiry",
@@ -274,7 +227,7 @@ impl Collector for StateCollector {
             Some(&Unit::Seconds),
             MetricType::Gauge,
         )?;
-        for (route, slot) in routes {
+        for (route, slot) in routes.iter() {
             let label = RouteLabel {
                 route: route.clone(),
             };
@@ -287,7 +240,7 @@ impl Collector for StateCollector {
             None,
             MetricType::Gauge,
         )?;
-        for (route, slot) in routes {
+        for (route, slot) in routes.iter() {
             let label = RouteLabel {
                 route: route.clone(),
             };

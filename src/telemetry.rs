@@ -13,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 /// Installs the global subscriber. Keep the guard until exit; a second call is a no-op.
-pub fn init(format: LogFormat) -> WorkerGuard {
+pub(crate) fn init(format: LogFormat) -> WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         // Block rather than drop lines when the buffer is full: logs are evidence.
         .lossy(false)

@@ -9,7 +9,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("cannot read CA file {path}: {source}")]
     Read {
         path: String,
@@ -25,7 +25,7 @@ pub enum TlsError {
 }
 
 /// Reads every PEM certificate in `path`.
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     CertificateDer::pem_file_iter(path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|source| TlsError::Read {
@@ -48,7 +48,7 @@ fn base_roots() -> &'static RootCertStore {
 }
 
 /// The process-wide crypto provider; installed once so rustls never has to guess.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     static P: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
     P.get_or_init(|| {
         let p = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -60,7 +60,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// A client config trusting the base roots plus the certificates in `ca_file`. ALPN (h2,
 /// http/1.1) is left to the connector that uses it.
-pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
+pub(crate) fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = base_roots().clone();
     if let Some(path) = ca_file {
         for cert in load_certs(path)? {

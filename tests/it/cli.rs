@@ -1,4 +1,4 @@
-//! Test 10: `check-config` on the shipped `sidecar.toml` and on broken ones, through the binary.
+//! docs/spec.md §7 (command line): `check-config` on the shipped `sidecar.toml` and on broken ones, through the binary.
 
 use std::path::Path;
 use std::process::Command;

@@ -1,4 +1,4 @@
-//! The main job against oidc-provider: tokens are real, verified, scoped, cached and shared.
+//! The main job (docs/spec.md §1–§3) against oidc-provider and the dev server: tokens are real, verified, scoped, cached and shared.
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::against_both;
 use crate::support::idp::{BILLING, Idp, Kind, ORDERS};
 use crate::support::upstream::Upstream;
-use crate::support::{CLIENT_ID, Running, config, fixture, http_client, route};
+use crate::support::{CLIENT_ID, RouteBuilder, Running, SidecarConfig, fixture, http_client};
 
 against_both!(
     upstream_receives_a_verified_token_and_the_request_intact,
@@ -49,18 +49,13 @@ fn aud_of(claims: &serde_json::Value) -> Vec<String> {
 async fn upstream_receives_a_verified_token_and_the_request_intact(kind: Kind) {
     let idp = provider(kind, "ec_p256_sec1.pem", None, 300).await;
     let up = Upstream::start().await;
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "",
-        &route(
-            "orders",
-            "/orders/",
-            &up.url(),
-            &["orders:write", "orders:read"],
-            &[ORDERS],
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem")).route(
+            RouteBuilder::path("orders", "/orders/", &up.url())
+                .scope(&["orders:write", "orders:read"])
+                .audience(&[ORDERS]),
         ),
-    ))
+    )
     .await;
 
     let client = http_client();
@@ -133,15 +128,15 @@ async fn every_key_format_and_algorithm_family_gets_a_token(kind: Kind) {
     let up = Upstream::start().await;
     for (file, alg) in cases {
         let idp = provider(kind, file, *alg, 300).await;
-        let extra = alg
-            .map(|a| format!("signing_alg = \"{a}\""))
-            .unwrap_or_default();
-        let sc = Running::start(&config(
-            &idp.token_url(),
-            &fixture(file),
-            &extra,
-            &route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
-        ))
+        let sc = Running::start(
+            SidecarConfig::new(&idp.token_url(), fixture(file))
+                .token(|t| t.signing_alg = alg.map(str::to_string))
+                .route(
+                    RouteBuilder::path("orders", "/orders/", &up.url())
+                        .scope(&["orders:read"])
+                        .audience(&[ORDERS]),
+                ),
+        )
         .await;
         let resp = http_client().get(sc.url("/orders/x")).send().await.unwrap();
         assert_eq!(
@@ -162,37 +157,23 @@ async fn tokens_are_per_scope_and_audience_set(kind: Kind) {
     let idp = provider(kind, "ec_p256_sec1.pem", None, 300).await;
     let up = Upstream::start().await;
     let routes = [
-        route("read", "/read/", &up.url(), &["orders:read"], &[ORDERS]),
-        route(
-            "write",
-            "/write/",
-            &up.url(),
-            &["orders:write", "orders:read"],
-            &[ORDERS],
-        ),
+        RouteBuilder::path("read", "/read/", &up.url())
+            .scope(&["orders:read"])
+            .audience(&[ORDERS]),
+        RouteBuilder::path("write", "/write/", &up.url())
+            .scope(&["orders:write", "orders:read"])
+            .audience(&[ORDERS]),
         // Same sets as "write", other order and a duplicate: must share its token.
-        route(
-            "write-too",
-            "/write-too/",
-            &up.url(),
-            &["orders:read", "orders:write", "orders:read"],
-            &[ORDERS],
-        ),
-        route(
-            "billing",
-            "/billing/",
-            &up.url(),
-            &["billing:read"],
-            &[BILLING],
-        ),
-    ]
-    .concat();
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "",
-        &routes,
-    ))
+        RouteBuilder::path("write-too", "/write-too/", &up.url())
+            .scope(&["orders:read", "orders:write", "orders:read"])
+            .audience(&[ORDERS]),
+        RouteBuilder::path("billing", "/billing/", &up.url())
+            .scope(&["billing:read"])
+            .audience(&[BILLING]),
+    ];
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem")).routes(routes),
+    )
     .await;
     sc.wait_ready().await;
     let client = http_client();
@@ -232,12 +213,13 @@ async fn tokens_are_per_scope_and_audience_set(kind: Kind) {
 async fn concurrent_misses_make_one_token_request(kind: Kind) {
     let idp = provider(kind, "ec_p256_sec1.pem", None, 300).await;
     let up = Upstream::start().await;
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "",
-        &route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
-    ))
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem")).route(
+            RouteBuilder::path("orders", "/orders/", &up.url())
+                .scope(&["orders:read"])
+                .audience(&[ORDERS]),
+        ),
+    )
     .await;
     let client = http_client();
     let requests = (0..500).map(|i| {
@@ -273,12 +255,18 @@ async fn concurrent_misses_make_one_token_request(kind: Kind) {
 async fn short_lived_tokens_are_refreshed_ahead_without_blocking_requests(kind: Kind) {
     let idp = provider(kind, "ec_p256_sec1.pem", None, 5).await;
     let up = Upstream::start().await;
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "refresh_before_expiry = \"2s\"\nexpiry_skew = \"1s\"",
-        &route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
-    ))
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem"))
+            .token(|t| {
+                t.refresh_before_expiry = Duration::from_secs(2);
+                t.expiry_skew = Duration::from_secs(1);
+            })
+            .route(
+                RouteBuilder::path("orders", "/orders/", &up.url())
+                    .scope(&["orders:read"])
+                    .audience(&[ORDERS]),
+            ),
+    )
     .await;
     sc.wait_ready().await;
     let slot = sc.cache.slots()[0].clone();
@@ -313,7 +301,7 @@ async fn short_lived_tokens_are_refreshed_ahead_without_blocking_requests(kind: 
     let mut distinct = HashSet::new();
     for (r, at) in got.iter().zip(&sent_at) {
         let token = r.bearer().unwrap();
-        let exp = token_sidecar::token::jwt_exp(&token).unwrap() as f64;
+        let exp = token_sidecar::jwt_exp(&token).unwrap() as f64;
         // exp has whole-second resolution: allow for that, but never within the 1 s skew.
         assert!(
             exp - at > 0.0,
@@ -343,12 +331,13 @@ async fn rejections_from_the_real_server_are_502_token_rejected(kind: Kind) {
     // The server knows the client by another key: every assertion fails verification.
     let idp = provider(kind, "ec_p384_sec1.pem", None, 300).await;
     let up = Upstream::start().await;
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "",
-        &route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
-    ))
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem")).route(
+            RouteBuilder::path("orders", "/orders/", &up.url())
+                .scope(&["orders:read"])
+                .audience(&[ORDERS]),
+        ),
+    )
     .await;
     let resp = http_client().get(sc.url("/orders/1")).send().await.unwrap();
     assert_eq!(resp.status(), 502);
@@ -366,18 +355,13 @@ async fn rejections_from_the_real_server_are_502_token_rejected(kind: Kind) {
     sc.stop().await;
 
     let idp = provider(kind, "ec_p256_sec1.pem", None, 300).await;
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "",
-        &route(
-            "orders",
-            "/orders/",
-            &up.url(),
-            &["orders:delete"],
-            &[ORDERS],
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem")).route(
+            RouteBuilder::path("orders", "/orders/", &up.url())
+                .scope(&["orders:delete"])
+                .audience(&[ORDERS]),
         ),
-    ))
+    )
     .await;
     let resp = http_client().get(sc.url("/orders/1")).send().await.unwrap();
     assert_eq!(resp.status(), 502);

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
-use token_sidecar::dev::{Dev, DevError, DevOptions, ECHO_AUDIENCE, ECHO_SCOPE};
+use token_sidecar::{Dev, DevError, DevOptions, ECHO_AUDIENCE, ECHO_SCOPE};
 
 use crate::support::authz::{AuthzConfig, ClientReg, OidcProvider, ResourceReg};
 use crate::support::idp::{ORDERS, fetch_jwks, verify_with_jwks};
@@ -90,7 +90,7 @@ audience = ["{ORDERS}"]
         key = fixture("ec_p256_sec1.pem").display(),
         up = up.url()
     );
-    let config = token_sidecar::config::from_toml_str(&toml).unwrap();
+    let config = token_sidecar::from_toml_str(&toml).unwrap();
     let (addr, jwks_url, stop, task) = start_dev(DevOptions {
         config: Some(config),
         listen: loopback0(),

@@ -1,4 +1,4 @@
-//! Test 6: the token endpoint failing. With a usable cached token requests keep succeeding;
+//! docs/reliability.md §1 and docs/spec.md §5: the token endpoint failing. With a usable cached token requests keep succeeding;
 //! without one they fail fast with 503 `token_unavailable`, never hang.
 
 use std::time::Duration;
@@ -7,21 +7,23 @@ use tokio::time::Instant;
 
 use crate::support::faults::{FakeTokenEndpoint, Mode};
 use crate::support::upstream::Upstream;
-use crate::support::{Running, config, fixture, http_client, route};
+use token_sidecar::{AudienceParam, TokenConfig};
 
-fn sidecar_config(token_url: &str, up: &Upstream, token_extra: &str) -> String {
-    config(
-        token_url,
-        &fixture("ec_p256_sec1.pem"),
-        token_extra,
-        &route(
-            "orders",
-            "/orders/",
-            &up.url(),
-            &["orders:read"],
-            &["https://orders.example.com"],
-        ),
-    )
+use crate::support::{RouteBuilder, Running, SidecarConfig, fixture, http_client};
+
+/// One route `/orders/` to `up`, with `token` applied to `[token]`.
+fn sidecar_config(
+    token_url: &str,
+    up: &Upstream,
+    token: impl FnOnce(&mut TokenConfig),
+) -> SidecarConfig {
+    SidecarConfig::new(token_url, fixture("ec_p256_sec1.pem"))
+        .token(token)
+        .route(
+            RouteBuilder::path("orders", "/orders/", &up.url())
+                .scope(&["orders:read"])
+                .audience(&["https://orders.example.com"]),
+        )
 }
 
 #[tokio::test]
@@ -30,11 +32,12 @@ async fn a_cached_token_outlives_500s_hangs_and_garbage() {
     let up = Upstream::start().await;
     // 10 s tokens refreshed from 2 s on, usable until 9 s: the failures below all happen while
     // the first token is still usable.
-    let sc = Running::start(&sidecar_config(
-        &idp.token_url(),
-        &up,
-        "refresh_at = 0.2\nexpiry_skew = \"1s\"\nrequest_timeout = \"1s\"\nretry_backoff_max = \"500ms\"",
-    ))
+    let sc = Running::start(sidecar_config(&idp.token_url(), &up, |t| {
+        t.refresh_at = 0.2;
+        t.expiry_skew = Duration::from_secs(1);
+        t.request_timeout = Duration::from_secs(1);
+        t.retry_backoff_max = Duration::from_millis(500);
+    }))
     .await;
     sc.wait_ready().await;
     let ready_at = Instant::now();
@@ -105,11 +108,9 @@ async fn a_cached_token_outlives_500s_hangs_and_garbage() {
 async fn a_hanging_endpoint_with_no_token_gives_503_within_the_timeout() {
     let idp = FakeTokenEndpoint::start(Mode::Hang).await;
     let up = Upstream::start().await;
-    let sc = Running::start(&sidecar_config(
-        &idp.token_url(),
-        &up,
-        "request_timeout = \"1s\"",
-    ))
+    let sc = Running::start(sidecar_config(&idp.token_url(), &up, |t| {
+        t.request_timeout = Duration::from_secs(1);
+    }))
     .await;
     let t = Instant::now();
     let resp = http_client().get(sc.url("/orders/x")).send().await.unwrap();
@@ -127,10 +128,10 @@ async fn an_unreachable_endpoint_gives_503_and_is_not_hammered() {
     // A port with nothing listening: connection refused.
     let port = crate::support::process::free_port();
     let up = Upstream::start().await;
-    let sc = Running::start(&sidecar_config(
+    let sc = Running::start(sidecar_config(
         &format!("http://127.0.0.1:{port}/oauth2/token"),
         &up,
-        "retry_backoff_max = \"1s\"",
+        |t| t.retry_backoff_max = Duration::from_secs(1),
     ))
     .await;
     let client = http_client();
@@ -156,7 +157,7 @@ async fn an_unreachable_endpoint_gives_503_and_is_not_hammered() {
 async fn a_rejection_is_502_token_rejected_with_the_server_code() {
     let idp = FakeTokenEndpoint::start(Mode::Reject("unauthorized_client")).await;
     let up = Upstream::start().await;
-    let sc = Running::start(&sidecar_config(&idp.token_url(), &up, "")).await;
+    let sc = Running::start(sidecar_config(&idp.token_url(), &up, |_| {})).await;
     let resp = http_client().get(sc.url("/orders/x")).send().await.unwrap();
     assert_eq!(resp.status(), 502);
     assert_eq!(resp.headers()["token-sidecar-error"], "token_rejected");
@@ -178,23 +179,16 @@ async fn a_rejection_is_502_token_rejected_with_the_server_code() {
 async fn the_token_request_carries_the_spec_parameters() {
     let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
     let up = Upstream::start().await;
-    let routes = format!(
-        "{}{}",
-        route(
-            "a",
-            "/a/",
-            &up.url(),
-            &["s2", "s1", "s2"],
-            &["https://b.example", "https://a.example"]
-        ),
-        "",
-    );
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "extra_params = { tenant = \"t1\" }",
-        &routes,
-    ))
+    let route = RouteBuilder::path("a", "/a/", &up.url())
+        .scope(&["s2", "s1", "s2"])
+        .audience(&["https://b.example", "https://a.example"]);
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem"))
+            .token(|t| {
+                t.extra_params.insert("tenant".into(), "t1".into());
+            })
+            .route(route.clone()),
+    )
     .await;
     sc.wait_ready().await;
     let form: Vec<(String, String)> = url::form_urlencoded::parse(idp.last_form().as_bytes())
@@ -216,7 +210,7 @@ async fn the_token_request_carries_the_spec_parameters() {
     assert_eq!(get("audience"), ["https://a.example https://b.example"]);
     assert_eq!(get("tenant"), ["t1"]);
     let assertion = &get("client_assertion")[0];
-    let claims = token_sidecar::token::jwt_claims(assertion).unwrap();
+    let claims = token_sidecar::jwt_claims(assertion).unwrap();
     assert_eq!(claims["iss"], crate::support::CLIENT_ID);
     assert_eq!(claims["sub"], crate::support::CLIENT_ID);
     assert_eq!(claims["aud"], idp.token_url().as_str());
@@ -227,12 +221,11 @@ async fn the_token_request_carries_the_spec_parameters() {
     sc.stop().await;
 
     // RFC 8707 style: one resource parameter per audience.
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "audience_param = \"resource\"",
-        &routes,
-    ))
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem"))
+            .token(|t| t.audience_param = AudienceParam::Resource)
+            .route(route),
+    )
     .await;
     sc.wait_ready().await;
     let form: Vec<(String, String)> = url::form_urlencoded::parse(idp.last_form().as_bytes())
@@ -253,11 +246,10 @@ async fn the_token_request_carries_the_spec_parameters() {
 async fn jti_known_is_retried_with_a_fresh_assertion() {
     let idp = FakeTokenEndpoint::start(Mode::Reject("jti_known")).await;
     let up = Upstream::start().await;
-    let sc = Running::start(&sidecar_config(
-        &idp.token_url(),
-        &up,
-        "max_attempts = 3\nretry_backoff_max = \"10s\"",
-    ))
+    let sc = Running::start(sidecar_config(&idp.token_url(), &up, |t| {
+        t.max_attempts = 3;
+        t.retry_backoff_max = Duration::from_secs(10);
+    }))
     .await;
     let resp = http_client().get(sc.url("/orders/x")).send().await.unwrap();
     assert_eq!(
@@ -275,7 +267,7 @@ async fn jti_known_is_retried_with_a_fresh_assertion() {
                 .unwrap()
                 .1
                 .into_owned();
-            token_sidecar::token::jwt_claims(&assertion).unwrap()["jti"]
+            token_sidecar::jwt_claims(&assertion).unwrap()["jti"]
                 .as_str()
                 .unwrap()
                 .to_owned()

@@ -1,4 +1,4 @@
-//! Issue 5 §3: every limit, when hit, gives its documented answer (or cut), nothing is forwarded
+//! docs/reliability.md §3 (limits; the keys are in docs/spec.md §4): every limit, when hit, gives its documented answer (or cut), nothing is forwarded
 //! for the offending request, and the sidecar keeps serving other clients meanwhile.
 //!
 //! Requests that break the HTTP rules on purpose are written by hand on raw loopback sockets;
@@ -23,7 +23,7 @@ use tokio::time::{Instant, timeout};
 use crate::support::faults::{FakeTokenEndpoint, Mode};
 use crate::support::process::free_port;
 use crate::support::upstream::Upstream;
-use crate::support::{CLIENT_ID, Running, fixture, http_client, route};
+use crate::support::{RouteBuilder, Running, SidecarConfig, fixture, http_client};
 
 /// Upper bound on any one test of this file.
 const TEST_BOUND: Duration = Duration::from_secs(60);
@@ -34,30 +34,10 @@ async fn bounded<F: Future<Output = ()>>(test: F) {
         .expect("the test finished within its time bound");
 }
 
-/// A config with extra `[proxy]` and `[token]` keys (the shared `support::config` has a fixed
-/// `[proxy]` table).
-fn limits_config(token_url: &str, proxy_extra: &str, token_extra: &str, routes: &str) -> String {
-    format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:0"
-shutdown_grace = "1s"
-{proxy_extra}
-
-[admin]
-listen = "127.0.0.1:0"
-
-[token]
-token_url = "{token_url}"
-allow_insecure_token_url = true
-client_id = "{CLIENT_ID}"
-private_key_file = "{key}"
-{token_extra}
-
-{routes}
-"#,
-        key = fixture("ec_p256_sec1.pem").display()
-    )
+/// The shared test config with a 1 s shutdown grace; each test adds its limits and routes.
+fn limits_config(token_url: &str) -> SidecarConfig {
+    SidecarConfig::new(token_url, fixture("ec_p256_sec1.pem"))
+        .proxy(|p| p.shutdown_grace = Duration::from_secs(1))
 }
 
 async fn idp() -> FakeTokenEndpoint {
@@ -171,23 +151,18 @@ async fn max_connections_leaves_further_clients_waiting_until_a_slot_frees() {
         let up = Upstream::start().await;
         // A route with its own port: the limit is per listener, so that port keeps serving.
         let dedicated = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let routes = format!(
-            r#"{main}
-[[route]]
-name = "own-port"
-listen = "{dedicated}"
-upstream = "{up}"
-allow_insecure_upstream = true
-"#,
-            main = route("orders", "/orders/", &up.url(), &[], &[]),
-            up = up.url()
-        );
-        let sc = Running::start(&limits_config(
-            &idp.token_url(),
-            "max_connections = 2\nheader_read_timeout = \"10s\"",
-            "",
-            &routes,
-        ))
+        let routes = [
+            RouteBuilder::path("orders", "/orders/", &up.url()),
+            RouteBuilder::dedicated("own-port", dedicated, &up.url()),
+        ];
+        let sc = Running::start(
+            limits_config(&idp.token_url())
+                .proxy(|p| {
+                    p.max_connections = 2;
+                    p.header_read_timeout = Duration::from_secs(10);
+                })
+                .routes(routes),
+        )
         .await;
         sc.wait_ready().await;
 
@@ -258,12 +233,11 @@ async fn a_request_head_over_max_header_bytes_is_431_and_not_forwarded() {
     bounded(async {
         let idp = idp().await;
         let up = Upstream::start().await;
-        let sc = Running::start(&limits_config(
-            &idp.token_url(),
-            "max_header_bytes = 16384",
-            "",
-            &route("orders", "/orders/", &up.url(), &[], &[]),
-        ))
+        let sc = Running::start(
+            limits_config(&idp.token_url())
+                .proxy(|p| p.max_header_bytes = 16384)
+                .route(RouteBuilder::path("orders", "/orders/", &up.url())),
+        )
         .await;
         sc.wait_ready().await;
 
@@ -310,12 +284,11 @@ async fn more_headers_than_max_headers_is_431_and_not_forwarded() {
     bounded(async {
         let idp = idp().await;
         let up = Upstream::start().await;
-        let sc = Running::start(&limits_config(
-            &idp.token_url(),
-            "max_headers = 20",
-            "",
-            &route("orders", "/orders/", &up.url(), &[], &[]),
-        ))
+        let sc = Running::start(
+            limits_config(&idp.token_url())
+                .proxy(|p| p.max_headers = 20)
+                .route(RouteBuilder::path("orders", "/orders/", &up.url())),
+        )
         .await;
         sc.wait_ready().await;
         let headers = |n: usize| -> String { (0..n).map(|i| format!("X-H{i}: v\r\n")).collect() };
@@ -355,12 +328,11 @@ async fn more_headers_than_max_headers_is_431_and_not_forwarded() {
 // ---- proxy.header_read_timeout --------------------------------------------------------------
 
 async fn timeout_sidecar(up: &Upstream, idp: &FakeTokenEndpoint) -> Running {
-    let sc = Running::start(&limits_config(
-        &idp.token_url(),
-        "header_read_timeout = \"1s\"",
-        "",
-        &route("orders", "/orders/", &up.url(), &[], &[]),
-    ))
+    let sc = Running::start(
+        limits_config(&idp.token_url())
+            .proxy(|p| p.header_read_timeout = Duration::from_secs(1))
+            .route(RouteBuilder::path("orders", "/orders/", &up.url())),
+    )
     .await;
     sc.wait_ready().await;
     sc
@@ -434,44 +406,22 @@ async fn a_client_sending_its_head_byte_by_byte_is_cut_after_header_read_timeout
     .await
 }
 
-/// Whether `[proxy]` accepts `key` (the timeouts are being reworked concurrently).
-fn config_knows(key: &str) -> bool {
-    let toml = limits_config(
-        "http://127.0.0.1:9/token",
-        &format!("{key} = \"1s\""),
-        "",
-        &route("r", "/r/", "http://127.0.0.1:9", &[], &[]),
-    );
-    match token_sidecar::config::from_toml_str(&toml) {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(e.to_string().contains(key), "unexpected config error: {e}");
-            false
-        }
-    }
-}
-
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     bounded(async {
         let idp = idp().await;
         let up = Upstream::start().await;
-        // Where the config has a separate `idle_timeout` (2 s here), it bounds an idle
-        // keep-alive connection, not header_read_timeout (1 s); otherwise the latter does.
-        let (idle_cfg, bound) = if config_knows("idle_timeout") {
-            (
-                "header_read_timeout = \"1s\"\nidle_timeout = \"2s\"",
-                Duration::from_secs(2),
-            )
-        } else {
-            ("header_read_timeout = \"1s\"", Duration::from_secs(1))
-        };
-        let sc = Running::start(&limits_config(
-            &idp.token_url(),
-            idle_cfg,
-            "",
-            &route("orders", "/orders/", &up.url(), &[], &[]),
-        ))
+        // `idle_timeout` (2 s here) bounds an idle keep-alive connection, not
+        // header_read_timeout (1 s).
+        let bound = Duration::from_secs(2);
+        let sc = Running::start(
+            limits_config(&idp.token_url())
+                .proxy(|p| {
+                    p.header_read_timeout = Duration::from_secs(1);
+                    p.idle_timeout = bound;
+                })
+                .route(RouteBuilder::path("orders", "/orders/", &up.url())),
+        )
         .await;
         sc.wait_ready().await;
 
@@ -490,7 +440,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
                 panic!("the idle keep-alive connection was still open {bound:?} + 2 s later")
             });
         assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
-        eprintln!("idle keep-alive connection closed after {idle:?} ({idle_cfg:?})");
+        eprintln!("idle keep-alive connection closed after {idle:?} (idle_timeout {bound:?})");
         assert!(
             idle >= bound - Duration::from_millis(300),
             "closed after {idle:?}: before the {bound:?} idle bound"
@@ -505,12 +455,14 @@ async fn silent_connections_are_cut_after_header_read_timeout_and_free_their_slo
     bounded(async {
         let idp = idp().await;
         let up = Upstream::start().await;
-        let sc = Running::start(&limits_config(
-            &idp.token_url(),
-            "header_read_timeout = \"1s\"\nmax_connections = 2",
-            "",
-            &route("orders", "/orders/", &up.url(), &[], &[]),
-        ))
+        let sc = Running::start(
+            limits_config(&idp.token_url())
+                .proxy(|p| {
+                    p.header_read_timeout = Duration::from_secs(1);
+                    p.max_connections = 2;
+                })
+                .route(RouteBuilder::path("orders", "/orders/", &up.url())),
+        )
         .await;
         sc.wait_ready().await;
 
@@ -572,18 +524,16 @@ async fn an_http2_client_stalling_its_headers_is_cut_after_header_read_timeout()
 #[tokio::test]
 async fn an_idle_http2_connection_lasts_until_the_idle_timeout() {
     bounded(async {
-        if !config_knows("idle_timeout") {
-            eprintln!("SKIPPED: this build has no proxy.idle_timeout");
-            return;
-        }
         let idp = idp().await;
         let up = Upstream::start().await;
-        let sc = Running::start(&limits_config(
-            &idp.token_url(),
-            "header_read_timeout = \"1s\"\nidle_timeout = \"3s\"",
-            "",
-            &route("orders", "/orders/", &up.url(), &[], &[]),
-        ))
+        let sc = Running::start(
+            limits_config(&idp.token_url())
+                .proxy(|p| {
+                    p.header_read_timeout = Duration::from_secs(1);
+                    p.idle_timeout = Duration::from_secs(3);
+                })
+                .route(RouteBuilder::path("orders", "/orders/", &up.url())),
+        )
         .await;
         sc.wait_ready().await;
 
@@ -662,27 +612,19 @@ async fn a_hanging_upstream_connect_is_502_after_connect_timeout_and_a_slow_one_
         let stuck = format!("http://{}", stuck.local_addr().unwrap());
         let idp = idp().await;
         let up = Upstream::start().await;
-        let routes = format!(
-            r#"{orders}
-[[route]]
-name = "stuck"
-path_prefix = "/stuck/"
-upstream = "{stuck}"
-allow_insecure_upstream = true
-connect_timeout = "500ms"
-timeout = "10s"
-
-[[route]]
-name = "slow"
-path_prefix = "/slow/"
-upstream = "{up}"
-allow_insecure_upstream = true
-timeout = "1s"
-"#,
-            orders = route("orders", "/orders/", &up.url(), &[], &[]),
-            up = up.url()
-        );
-        let sc = Running::start(&limits_config(&idp.token_url(), "", "", &routes)).await;
+        let routes = [
+            RouteBuilder::path("orders", "/orders/", &up.url()),
+            RouteBuilder::path("stuck", "/stuck/", &stuck).with(|r| {
+                r.strip_prefix = false;
+                r.connect_timeout = Duration::from_millis(500);
+                r.timeout = Duration::from_secs(10);
+            }),
+            RouteBuilder::path("slow", "/slow/", &up.url()).with(|r| {
+                r.strip_prefix = false;
+                r.timeout = Duration::from_secs(1);
+            }),
+        ];
+        let sc = Running::start(limits_config(&idp.token_url()).routes(routes)).await;
         sc.wait_ready().await;
 
         let t = Instant::now();
@@ -829,17 +771,19 @@ async fn a_token_response_over_max_response_bytes_is_503_and_nothing_is_forwarde
         let idp = BigTokenEndpoint::start().await;
         let up = Upstream::start().await;
         let routes = [
-            route("big", "/big/", &up.url(), &["big"], &[]),
-            route("chunked", "/chunked/", &up.url(), &["big-chunked"], &[]),
-            route("ok", "/ok/", &up.url(), &["ok"], &[]),
-        ]
-        .concat();
-        let sc = Running::start(&limits_config(
-            &idp.token_url(),
-            "",
-            "max_response_bytes = 2048\nrequest_timeout = \"2s\"\nretry_backoff_initial = \"100ms\"",
-            &routes,
-        ))
+            RouteBuilder::path("big", "/big/", &up.url()).scope(&["big"]),
+            RouteBuilder::path("chunked", "/chunked/", &up.url()).scope(&["big-chunked"]),
+            RouteBuilder::path("ok", "/ok/", &up.url()).scope(&["ok"]),
+        ];
+        let sc = Running::start(
+            limits_config(&idp.token_url())
+                .token(|t| {
+                    t.max_response_bytes = 2048;
+                    t.request_timeout = Duration::from_secs(2);
+                    t.retry_backoff_initial = Duration::from_millis(100);
+                })
+                .routes(routes),
+        )
         .await;
         let client = http_client();
 
@@ -857,7 +801,11 @@ async fn a_token_response_over_max_response_bytes_is_503_and_nothing_is_forwarde
         for path in ["/big/x", "/chunked/x"] {
             let t = Instant::now();
             let resp = client.get(sc.url(path)).send().await.unwrap();
-            assert!(t.elapsed() < Duration::from_secs(4), "{path}: {:?}", t.elapsed());
+            assert!(
+                t.elapsed() < Duration::from_secs(4),
+                "{path}: {:?}",
+                t.elapsed()
+            );
             assert_eq!(resp.status(), 503, "{path}");
             assert_eq!(resp.headers()["token-sidecar-error"], "token_unavailable");
             assert!(resp.headers().contains_key("retry-after"), "{path}");
@@ -865,7 +813,10 @@ async fn a_token_response_over_max_response_bytes_is_503_and_nothing_is_forwarde
             assert_eq!(body["error"], "token_unavailable");
             let description = body["error_description"].as_str().unwrap_or_default();
             assert!(description.contains("2048"), "{path}: {description}");
-            eprintln!("max_response_bytes: {path} -> 503 in {:?}: {description}", t.elapsed());
+            eprintln!(
+                "max_response_bytes: {path} -> 503 in {:?}: {description}",
+                t.elapsed()
+            );
 
             // Meanwhile the other route keeps being served.
             let r = client.get(sc.url("/ok/y")).send().await.unwrap();
@@ -875,7 +826,8 @@ async fn a_token_response_over_max_response_bytes_is_503_and_nothing_is_forwarde
         assert!(idp.requests_for("big-chunked") >= 1);
         let got = up.received();
         assert!(
-            got.iter().all(|r| r.bearer().as_deref() == Some("token-for-ok")),
+            got.iter()
+                .all(|r| r.bearer().as_deref() == Some("token-for-ok")),
             "only the ok route forwarded: {:?}",
             got.iter().map(|r| &r.path_and_query).collect::<Vec<_>>()
         );

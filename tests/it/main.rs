@@ -2,18 +2,25 @@
 //! authorization server (tests/authz) and a recording upstream; fault injection through a small
 //! fake token endpoint.
 //!
-//! Run `npm ci --prefix tests/authz` once before (the README's test command does).
+//! The authorization server's npm packages (`npm ci --prefix tests/authz`) are installed by the
+//! first test that needs them when missing (support::authz); without npm the run stops at once
+//! with one line naming the command.
+//!
+//! Property tests of configuration text are here (props_config); those of the token response
+//! parser, backoff, the refresh schedule and routing sit next to their code (src/token/props.rs,
+//! src/proxy/props.rs).
 
 mod support;
 
 mod cli;
 mod core;
 mod dev;
+mod dev_layering;
 mod faults;
 mod hostile;
 mod limits;
 mod ops;
-mod props;
+mod props_config;
 mod reliability;
 mod routing;
 mod shutdown;

@@ -1,4 +1,6 @@
-//! Issue 4: metrics, readiness, log redaction, key rotation.
+//! Operations (docs/spec.md §6): Prometheus metrics with bounded labels, readiness, log
+//! redaction at `trace` level and JSON logs (docs/reliability.md §5, no token in the wrong
+//! place), and signing-key rotation without a restart.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -11,7 +13,9 @@ use crate::support::faults::{FakeTokenEndpoint, Mode};
 use crate::support::idp::ORDERS;
 use crate::support::process::free_port;
 use crate::support::upstream::Upstream;
-use crate::support::{Running, config, fixture, http_client, route};
+use token_sidecar::LogFormat;
+
+use crate::support::{RouteBuilder, Running, SidecarConfig, fixture, http_client};
 
 async fn get_text(url: &str) -> (u16, String) {
     let r = http_client().get(url).send().await.unwrap();
@@ -33,16 +37,16 @@ async fn metrics_count_requests_tokens_and_cache_with_bounded_labels() {
     let up = Upstream::start().await;
     let closed = format!("http://127.0.0.1:{}", free_port());
     let routes = [
-        route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
-        route("down", "/down/", &closed, &["orders:read"], &[ORDERS]),
-    ]
-    .concat();
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "",
-        &routes,
-    ))
+        RouteBuilder::path("orders", "/orders/", &up.url())
+            .scope(&["orders:read"])
+            .audience(&[ORDERS]),
+        RouteBuilder::path("down", "/down/", &closed)
+            .scope(&["orders:read"])
+            .audience(&[ORDERS]),
+    ];
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem")).routes(routes),
+    )
     .await;
     sc.wait_ready().await;
     let client = http_client();
@@ -121,12 +125,19 @@ async fn metrics_count_requests_tokens_and_cache_with_bounded_labels() {
 async fn readiness_follows_the_tokens() {
     let idp = FakeTokenEndpoint::start(Mode::Status500).await;
     let up = Upstream::start().await;
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "request_timeout = \"1s\"\nretry_backoff_max = \"300ms\"\nexpiry_skew = \"1s\"",
-        &route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
-    ))
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem"))
+            .token(|t| {
+                t.request_timeout = Duration::from_secs(1);
+                t.retry_backoff_max = Duration::from_millis(300);
+                t.expiry_skew = Duration::from_secs(1);
+            })
+            .route(
+                RouteBuilder::path("orders", "/orders/", &up.url())
+                    .scope(&["orders:read"])
+                    .audience(&[ORDERS]),
+            ),
+    )
     .await;
     let readyz = format!("http://{}/readyz", sc.admin);
     let healthz = format!("http://{}/healthz", sc.admin);
@@ -201,41 +212,25 @@ async fn trace_logs_hold_no_secrets() {
     let proxy_port = free_port();
     let admin_port = free_port();
     let cfg = dir.path().join("sidecar.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[proxy]
-listen = "127.0.0.1:{proxy_port}"
-[admin]
-listen = "127.0.0.1:{admin_port}"
-[token]
-token_url = "{url}"
-allow_insecure_token_url = true
-client_id = "logged-client"
-private_key_file = "{key}"
-expiry_skew = "1s"
-refresh_before_expiry = "2s"
-[[route]]
-name = "orders"
-path_prefix = "/orders/"
-upstream = "{up}"
-allow_insecure_upstream = true
-scope = ["orders:read"]
-audience = ["{ORDERS}"]
-[[route]]
-name = "refused"
-path_prefix = "/refused/"
-upstream = "{up}"
-allow_insecure_upstream = true
-scope = ["forbidden"]
-"#,
-            url = idp.token_url(),
-            key = key.display(),
-            up = up.url()
-        ),
-    )
-    .unwrap();
+    let loopback = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let unstripped = |r: RouteBuilder| r.with(|r| r.strip_prefix = false);
+    let text = SidecarConfig::new(&idp.token_url(), &key)
+        .listen(loopback(proxy_port), loopback(admin_port))
+        .token(|t| {
+            t.client_id = "logged-client".into();
+            t.expiry_skew = Duration::from_secs(1);
+            t.refresh_before_expiry = Duration::from_secs(2);
+        })
+        .route(unstripped(
+            RouteBuilder::path("orders", "/orders/", &up.url())
+                .scope(&["orders:read"])
+                .audience(&[ORDERS]),
+        ))
+        .route(unstripped(
+            RouteBuilder::path("refused", "/refused/", &up.url()).scope(&["forbidden"]),
+        ))
+        .to_toml();
+    std::fs::write(&cfg, text).unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_token-sidecar"))
         .arg("--config")
         .arg(&cfg)
@@ -350,7 +345,7 @@ async fn get_ready(client: &reqwest::Client, port: u16) -> Option<u16> {
 /// key, with no restart and no failed request.
 #[tokio::test]
 async fn the_key_is_rotated_by_a_secret_volume_symlink_swap() {
-    use token_sidecar::key::SigningKey;
+    use token_sidecar::SigningKey;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let v1 = root.join("..v1");
@@ -373,12 +368,18 @@ async fn the_key_is_rotated_by_a_secret_volume_symlink_swap() {
 
     let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(2))).await;
     let up = Upstream::start().await;
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &root.join("key.pem"),
-        "expiry_skew = \"500ms\"\nrefresh_at = 0.5",
-        &route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
-    ))
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), root.join("key.pem"))
+            .token(|t| {
+                t.expiry_skew = Duration::from_millis(500);
+                t.refresh_at = 0.5;
+            })
+            .route(
+                RouteBuilder::path("orders", "/orders/", &up.url())
+                    .scope(&["orders:read"])
+                    .audience(&[ORDERS]),
+            ),
+    )
     .await;
     sc.wait_ready().await;
     let client = http_client();
@@ -433,27 +434,15 @@ async fn json_logs_carry_one_access_event_per_request() {
     let key = fixture("ec_p256_sec1.pem");
     let upstream = up.url();
     let mut sc = SidecarProcess::start(move |proxy, admin| {
-        format!(
-            r#"
-[proxy]
-listen = "{proxy}"
-[admin]
-listen = "{admin}"
-[token]
-token_url = "{token_url}"
-allow_insecure_token_url = true
-client_id = "c"
-private_key_file = "{key}"
-[[route]]
-name = "orders"
-path_prefix = "/orders/"
-upstream = "{upstream}"
-allow_insecure_upstream = true
-[log]
-format = "json"
-"#,
-            key = key.display()
-        )
+        SidecarConfig::new(&token_url, &key)
+            .listen(proxy, admin)
+            .token(|t| t.client_id = "c".into())
+            .route(
+                RouteBuilder::path("orders", "/orders/", &upstream)
+                    .with(|r| r.strip_prefix = false),
+            )
+            .log(|l| l.format = LogFormat::Json)
+            .to_toml()
     })
     .await;
     let client = http_client();

@@ -1,4 +1,5 @@
-//! Issue 5 promises 1, 2 and 7: authorization-server outages, upstream 401s, clock skew.
+//! docs/reliability.md §1 (authorization-server outages), §2 (the upstream rejects the token:
+//! evict, replay once) and §7 (clock skew between the sidecar and the token endpoint).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -8,15 +9,23 @@ use tokio::time::Instant;
 use crate::support::faults::{FakeTokenEndpoint, Mode};
 use crate::support::idp::{Idp, Kind, ORDERS};
 use crate::support::upstream::Upstream;
-use crate::support::{Running, config, fixture, http_client, route};
+use token_sidecar::TokenConfig;
 
-fn one_route(token_url: &str, up: &Upstream, token_extra: &str) -> String {
-    config(
-        token_url,
-        &fixture("ec_p256_sec1.pem"),
-        token_extra,
-        &route("orders", "/orders/", &up.url(), &["orders:read"], &[ORDERS]),
-    )
+use crate::support::{RouteBuilder, Running, SidecarConfig, fixture, http_client};
+
+/// One route `/orders/` to `up`, with `token` applied to `[token]`.
+fn one_route(
+    token_url: &str,
+    up: &Upstream,
+    token: impl FnOnce(&mut TokenConfig),
+) -> SidecarConfig {
+    SidecarConfig::new(token_url, fixture("ec_p256_sec1.pem"))
+        .token(token)
+        .route(
+            RouteBuilder::path("orders", "/orders/", &up.url())
+                .scope(&["orders:read"])
+                .audience(&[ORDERS]),
+        )
 }
 
 /// Promise 2: a 401 `invalid_token` evicts the token, one fresh token is fetched, and a small
@@ -25,7 +34,7 @@ fn one_route(token_url: &str, up: &Upstream, token_extra: &str) -> String {
 async fn a_rejected_token_is_evicted_and_a_small_request_replayed_once() {
     let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
     let up = Upstream::start().await;
-    let sc = Running::start(&one_route(&idp.token_url(), &up, "")).await;
+    let sc = Running::start(one_route(&idp.token_url(), &up, |_| {})).await;
     sc.wait_ready().await;
     let client = http_client();
 
@@ -83,11 +92,8 @@ async fn a_rejected_token_is_evicted_and_a_small_request_replayed_once() {
 async fn a_large_request_gets_the_401_back_unchanged() {
     let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
     let up = Upstream::start().await;
-    let toml = one_route(&idp.token_url(), &up, "").replace(
-        "shutdown_grace = \"2s\"",
-        "shutdown_grace = \"2s\"\nretry_body_limit = 1024",
-    );
-    let sc = Running::start(&toml).await;
+    let cfg = one_route(&idp.token_url(), &up, |_| {}).proxy(|p| p.retry_body_limit = 1024);
+    let sc = Running::start(cfg).await;
     sc.wait_ready().await;
     let client = http_client();
     assert_eq!(
@@ -140,7 +146,7 @@ async fn a_large_request_gets_the_401_back_unchanged() {
 async fn an_upstream_that_rejects_every_token_gets_exactly_one_replay() {
     let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
     let up = Upstream::start().await;
-    let sc = Running::start(&one_route(&idp.token_url(), &up, "")).await;
+    let sc = Running::start(one_route(&idp.token_url(), &up, |_| {})).await;
     sc.wait_ready().await;
     let resp = http_client()
         .get(sc.url("/orders/always-401"))
@@ -158,7 +164,7 @@ async fn an_upstream_that_rejects_every_token_gets_exactly_one_replay() {
 async fn a_hundred_simultaneous_401s_cause_one_token_request() {
     let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
     let up = Upstream::start().await;
-    let sc = Running::start(&one_route(&idp.token_url(), &up, "")).await;
+    let sc = Running::start(one_route(&idp.token_url(), &up, |_| {})).await;
     sc.wait_ready().await;
     let client = http_client();
     assert_eq!(
@@ -199,7 +205,7 @@ async fn an_authorization_server_outage_is_survived_then_reported_fast() {
     let up = Upstream::start().await;
     // Defaults: refresh 15 s after each fetch (a quarter of 60 s), usable for 50 s, backoff
     // ≤ 1 s, 3 attempts per fetch, request_timeout 10 s.
-    let sc = Running::start(&one_route(&idp.token_url(), &up, "")).await;
+    let sc = Running::start(one_route(&idp.token_url(), &up, |_| {})).await;
     sc.wait_ready().await;
     // The outage starts right after a refresh, as it would at any random moment in steady state
     // (a token is at most 15 s old then).
@@ -321,7 +327,7 @@ async fn assertions_tolerate_30_seconds_of_clock_skew() {
         (30, None, true),
         (0, None, true),
         // Without backdating, a server 30 s behind sees `iat` in its future and refuses.
-        (-30, Some("0s"), false),
+        (-30, Some(Duration::ZERO), false),
     ] {
         let idp = Idp::start(
             Kind::DevServer,
@@ -332,10 +338,12 @@ async fn assertions_tolerate_30_seconds_of_clock_skew() {
         .await;
         let Idp::Dev(dev) = &idp else { unreachable!() };
         dev.set_clock_offset(offset);
-        let extra = tolerance
-            .map(|t| format!("clock_skew_tolerance = \"{t}\""))
-            .unwrap_or_default();
-        let sc = Running::start(&one_route(&idp.token_url(), &up, &extra)).await;
+        let sc = Running::start(one_route(&idp.token_url(), &up, |t| {
+            if let Some(tolerance) = tolerance {
+                t.clock_skew_tolerance = tolerance;
+            }
+        }))
+        .await;
         let status = http_client()
             .get(sc.url("/orders/x"))
             .send()

@@ -1,10 +1,12 @@
-//! Test 7: no route, upstream down, upstream slow; plus matching by dedicated port and host.
+//! Routing and its refusals (docs/spec.md §4 matching, §5 errors): no route, dot segments,
+//! upstream down, upstream slow; plus matching by dedicated port, host and absolute form.
 
 use std::time::Duration;
 
+use crate::support::config::LOOPBACK_ANY;
 use crate::support::faults::{FakeTokenEndpoint, Mode};
 use crate::support::upstream::Upstream;
-use crate::support::{Running, config, fixture, http_client, route};
+use crate::support::{RouteBuilder, Running, SidecarConfig, fixture, http_client};
 
 async fn idp() -> FakeTokenEndpoint {
     FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await
@@ -14,12 +16,10 @@ async fn idp() -> FakeTokenEndpoint {
 async fn no_route_is_404_and_nothing_is_forwarded() {
     let idp = idp().await;
     let up = Upstream::start().await;
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "",
-        &route("orders", "/orders/", &up.url(), &[], &[]),
-    ))
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem"))
+            .route(RouteBuilder::path("orders", "/orders/", &up.url())),
+    )
     .await;
     let client = http_client();
     for path in ["/", "/other/1", "/ordersX/1"] {
@@ -55,16 +55,12 @@ async fn upstream_down_is_502_and_slow_upstream_is_504() {
     // A port with nothing listening: connection refused.
     let closed = format!("http://127.0.0.1:{}", crate::support::process::free_port());
     let routes = [
-        route("down", "/down/", &closed, &[], &[]),
-        route("slow", "/slow/", &up.url(), &[], &[]),
-    ]
-    .concat();
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "",
-        &routes,
-    ))
+        RouteBuilder::path("down", "/down/", &closed),
+        RouteBuilder::path("slow", "/slow/", &up.url()),
+    ];
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem")).routes(routes),
+    )
     .await;
     sc.wait_ready().await;
     let client = http_client();
@@ -78,7 +74,7 @@ async fn upstream_down_is_502_and_slow_upstream_is_504() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["route"], "down");
 
-    // The route's timeout is 2 s (see support::route); the upstream takes 5 s.
+    // The route's timeout is 2 s (see support::config::RouteBuilder); the upstream takes 5 s.
     let t = tokio::time::Instant::now();
     let resp = client.get(sc.url("/slow/slow/5000")).send().await.unwrap();
     assert_eq!(resp.status(), 504);
@@ -95,30 +91,14 @@ async fn host_routes_absolute_form_and_dedicated_ports() {
     let idp = idp().await;
     let up_a = Upstream::start().await;
     let up_b = Upstream::start().await;
-    let routes = format!(
-        r#"
-[[route]]
-name = "by-host"
-host = "orders.internal"
-upstream = "{a}"
-allow_insecure_upstream = true
-
-[[route]]
-name = "dedicated"
-listen = "127.0.0.1:0"
-upstream = "{b}/base"
-allow_insecure_upstream = true
-scope = ["x"]
-"#,
-        a = up_a.url(),
-        b = up_b.url()
-    );
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "",
-        &routes,
-    ))
+    let routes = [
+        RouteBuilder::host("by-host", "orders.internal", &up_a.url()),
+        RouteBuilder::dedicated("dedicated", LOOPBACK_ANY, &format!("{}/base", up_b.url()))
+            .scope(&["x"]),
+    ];
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem")).routes(routes),
+    )
     .await;
     sc.wait_ready().await;
 

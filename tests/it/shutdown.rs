@@ -1,4 +1,4 @@
-//! Issue 5 §4: graceful shutdown of the real binary. On SIGTERM/SIGINT the sidecar stops
+//! docs/reliability.md §4 (docs/spec.md §6): graceful shutdown of the real binary. On SIGTERM/SIGINT the sidecar stops
 //! accepting at once, lets in-flight requests finish for up to `shutdown_grace`, then exits 0;
 //! requests still running past the grace are cut, never left hanging.
 
@@ -12,7 +12,7 @@ use tokio::time::{Instant, timeout};
 use crate::support::faults::{FakeTokenEndpoint, Mode};
 use crate::support::process::SidecarProcess;
 use crate::support::upstream::Upstream;
-use crate::support::{CLIENT_ID, fixture, http_client};
+use crate::support::{RouteBuilder, SidecarConfig, fixture, http_client};
 
 /// Upper bound on any one test of this file.
 const TEST_BOUND: Duration = Duration::from_secs(90);
@@ -25,39 +25,21 @@ const EXIT_MARGIN: Duration = Duration::from_millis(1500);
 fn process_config(
     token_url: String,
     upstream: String,
-    grace: &'static str,
+    grace: Duration,
 ) -> impl Fn(SocketAddr, SocketAddr) -> String {
     move |proxy, admin| {
-        format!(
-            r#"
-[proxy]
-listen = "{proxy}"
-shutdown_grace = "{grace}"
-
-[admin]
-listen = "{admin}"
-
-[token]
-token_url = "{token_url}"
-allow_insecure_token_url = true
-client_id = "{CLIENT_ID}"
-private_key_file = "{key}"
-
-[[route]]
-name = "orders"
-path_prefix = "/orders/"
-strip_prefix = true
-upstream = "{upstream}"
-allow_insecure_upstream = true
-timeout = "60s"
-connect_timeout = "1s"
-"#,
-            key = fixture("ec_p256_sec1.pem").display()
-        )
+        SidecarConfig::new(&token_url, fixture("ec_p256_sec1.pem"))
+            .listen(proxy, admin)
+            .proxy(|p| p.shutdown_grace = grace)
+            .route(
+                RouteBuilder::path("orders", "/orders/", &upstream)
+                    .with(|r| r.timeout = Duration::from_secs(60)),
+            )
+            .to_toml()
     }
 }
 
-async fn start(grace: &'static str) -> (FakeTokenEndpoint, Upstream, SidecarProcess) {
+async fn start(grace: Duration) -> (FakeTokenEndpoint, Upstream, SidecarProcess) {
     let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
     let up = Upstream::start().await;
     let sc = SidecarProcess::start(process_config(idp.token_url(), up.url(), grace)).await;
@@ -104,7 +86,7 @@ async fn until_refused(addr: SocketAddr, within: Duration) -> Duration {
 async fn sigterm_drains_20_in_flight_requests_refuses_new_connections_and_exits_0() {
     timeout(TEST_BOUND, async {
         const DOWNLOAD: u64 = 1024 * 1024;
-        let (_idp, up, mut sc) = start("5s").await;
+        let (_idp, up, mut sc) = start(Duration::from_secs(5)).await;
         let client = http_client();
 
         // 15 requests whose response headers take 2 s ...
@@ -210,7 +192,7 @@ async fn sigterm_drains_20_in_flight_requests_refuses_new_connections_and_exits_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_still_running_past_the_grace_are_cut_and_the_process_exits_0() {
     timeout(TEST_BOUND, async {
-        let (_idp, up, mut sc) = start("1s").await;
+        let (_idp, up, mut sc) = start(Duration::from_secs(1)).await;
         let client = http_client();
         let stuck: Vec<_> = (0..3)
             .map(|_| {
@@ -267,7 +249,7 @@ async fn requests_still_running_past_the_grace_are_cut_and_the_process_exits_0()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_shuts_down_gracefully_too() {
     timeout(TEST_BOUND, async {
-        let (_idp, up, mut sc) = start("5s").await;
+        let (_idp, up, mut sc) = start(Duration::from_secs(5)).await;
 
         // An idle keep-alive connection must not hold the shutdown for the whole grace.
         let mut idle = TcpStream::connect(sc.proxy).await.unwrap();

@@ -1,5 +1,5 @@
-//! Test 8: 50 MB each way streams through (the first bytes arrive before the last are sent);
-//! test 9: an HTTPS upstream verified with a test CA given as `ca_file`.
+//! docs/spec.md §1 and §4: 50 MB each way streams through (the first bytes arrive before the
+//! last are sent); an HTTPS upstream verified with a test CA given as `ca_file`.
 
 use std::time::Duration;
 
@@ -11,20 +11,18 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::support::faults::{FakeTokenEndpoint, Mode};
 use crate::support::upstream::{Upstream, test_tls};
-use crate::support::{Running, config, fixture, http_client, route};
+use crate::support::{RouteBuilder, Running, SidecarConfig, fixture, http_client};
 
 const FIFTY_MB: u64 = 50 * 1024 * 1024;
 
 async fn setup() -> (FakeTokenEndpoint, Upstream, Running) {
     let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
     let up = Upstream::start().await;
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "",
-        // The route timeout bounds only the wait for response headers, not the transfer.
-        &route("files", "/files/", &up.url(), &["files"], &[]),
-    ))
+    // The route timeout bounds only the wait for response headers, not the transfer.
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem"))
+            .route(RouteBuilder::path("files", "/files/", &up.url()).scope(&["files"])),
+    )
     .await;
     sc.wait_ready().await;
     (idp, up, sc)
@@ -111,29 +109,21 @@ async fn an_https_upstream_is_verified_with_the_route_ca_file() {
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca_pem).unwrap();
     let https = format!("https://localhost:{}", up.addr.port());
-    let routes = format!(
-        r#"
-[[route]]
-name = "trusted"
-path_prefix = "/trusted/"
-strip_prefix = true
-upstream = "{https}"
-ca_file = "{ca}"
-
-[[route]]
-name = "untrusted"
-path_prefix = "/untrusted/"
-strip_prefix = true
-upstream = "{https}"
-"#,
-        ca = ca_file.display()
-    );
-    let sc = Running::start(&config(
-        &idp.token_url(),
-        &fixture("ec_p256_sec1.pem"),
-        "",
-        &routes,
-    ))
+    let https_route = |name: &str, prefix: &str| {
+        RouteBuilder::path(name, prefix, &https).with(|r| {
+            // The defaults of a real file: HTTPS only, 60 s and 5 s timeouts.
+            r.allow_insecure_upstream = false;
+            r.timeout = Duration::from_secs(60);
+            r.connect_timeout = Duration::from_secs(5);
+        })
+    };
+    let routes = [
+        https_route("trusted", "/trusted/").with(|r| r.ca_file = Some(ca_file.clone())),
+        https_route("untrusted", "/untrusted/"),
+    ];
+    let sc = Running::start(
+        SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem")).routes(routes),
+    )
     .await;
     sc.wait_ready().await;
     let client = http_client();

@@ -17,6 +17,7 @@
 //! - The response: `{"access_token", "expires_in", "scope" (absent when no scope granted),
 //!   "token_type": "Bearer"}`.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -89,8 +90,80 @@ pub struct OidcProvider {
     http: reqwest::Client,
 }
 
+/// `tests/authz`, or `$TEST_AUTHZ_DIR` (to try the missing-packages path without touching the
+/// real `node_modules`).
 fn authz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/authz")
+    match std::env::var_os("TEST_AUTHZ_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/authz"),
+    }
+}
+
+/// Bound on the one-time `npm ci`.
+const NPM_CI_BOUND: Duration = Duration::from_secs(300);
+
+/// Makes sure the server's npm packages are installed: when `node_modules/oidc-provider` is
+/// missing, runs `npm ci --prefix <dir> --no-audit --no-fund` once for the whole test binary
+/// (every caller waits for that one run), bounded by [`NPM_CI_BOUND`]. When that is impossible
+/// the test process ends at once with one line naming the command to run, instead of every
+/// test panicking.
+fn ensure_npm_packages(dir: &Path) {
+    static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let result = INSTALLED.get_or_init(|| {
+        if dir.join("node_modules/oidc-provider").is_dir() {
+            return Ok(());
+        }
+        // Straight to stderr: the test harness captures `eprintln!`.
+        let _ = writeln!(
+            std::io::stderr(),
+            "the test authorization server's npm packages are missing; running `npm ci --prefix {}` once",
+            dir.display()
+        );
+        npm_ci(dir)?;
+        if dir.join("node_modules/oidc-provider").is_dir() {
+            Ok(())
+        } else {
+            Err("npm ci finished but node_modules/oidc-provider is still missing".to_string())
+        }
+    });
+    if let Err(why) = result {
+        let _ = writeln!(
+            std::io::stderr(),
+            "error: the test authorization server needs its npm packages ({why}); run `npm ci --prefix tests/authz` in the repository root"
+        );
+        std::process::exit(2);
+    }
+}
+
+fn npm_ci(dir: &Path) -> Result<(), String> {
+    let npm = std::env::var_os("NPM").unwrap_or_else(|| "npm".into());
+    let mut child = std::process::Command::new(&npm)
+        .arg("ci")
+        .arg("--prefix")
+        .arg(dir)
+        .args(["--no-audit", "--no-fund"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot run {npm:?}: {e}"))?;
+    let deadline = std::time::Instant::now() + NPM_CI_BOUND;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("npm ci failed ({status})")),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(None) => {
+                // Only the process we started, by its handle.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("npm ci did not finish within {NPM_CI_BOUND:?}"));
+            }
+            Err(e) => return Err(format!("waiting for npm ci: {e}")),
+        }
+    }
 }
 
 impl OidcProvider {
@@ -98,13 +171,7 @@ impl OidcProvider {
     /// 20 s) for it to listen.
     pub async fn start(cfg: &AuthzConfig) -> OidcProvider {
         let dir = authz_dir();
-        if !dir.join("node_modules/oidc-provider").is_dir() {
-            panic!(
-                "the test authorization server's npm packages are missing ({}): \
-                 run `npm ci --prefix tests/authz` in the repository root first",
-                dir.join("node_modules").display()
-            );
-        }
+        ensure_npm_packages(&dir);
 
         let mut config = tempfile::Builder::new()
             .prefix("authz-config-")
@@ -178,11 +245,6 @@ impl OidcProvider {
             _config: config,
             http,
         }
-    }
-
-    /// The server process's id (while it runs).
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
     }
 
     async fn get_json(&self, url: &str) -> Value {

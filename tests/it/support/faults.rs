@@ -158,8 +158,8 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>>
             // Long and random, like real tokens, so a leak in a log is unambiguous.
             let n = format!(
                 "{n}-{}{}",
-                token_sidecar::assertion::new_jti(),
-                token_sidecar::assertion::new_jti()
+                token_sidecar::new_jti(),
+                token_sidecar::new_jti()
             );
             (
                 StatusCode::OK,

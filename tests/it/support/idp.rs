@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use token_sidecar::devserver::{DevClient, DevServer, DevServerConfig};
+use token_sidecar::{DevClient, DevServer, DevServerConfig};
 
 use super::CLIENT_ID;
 use super::authz::{AuthzConfig, ClientReg, OidcProvider, ResourceReg};

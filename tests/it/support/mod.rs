@@ -1,9 +1,8 @@
 //! Shared test plumbing: the authorization servers, the recording upstream, and a sidecar
 //! running in-process on free loopback ports.
 
-#![allow(dead_code)]
-
 pub mod authz;
+pub mod config;
 pub mod faults;
 pub mod idp;
 pub mod process;
@@ -14,12 +13,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use token_sidecar::cache::TokenCache;
-use token_sidecar::config::from_toml_str;
-use token_sidecar::key::SigningKey;
-use token_sidecar::server::Sidecar;
+use token_sidecar::Config;
+use token_sidecar::Sidecar;
+use token_sidecar::SigningKey;
+use token_sidecar::TokenCache;
 
-pub const CLIENT_ID: &str = "orders-service";
+pub use config::{CLIENT_ID, RouteBuilder, SidecarConfig};
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -30,57 +29,9 @@ pub fn fixture(name: &str) -> PathBuf {
 /// The public JWK Set of a key fixture, as the sidecar's `jwks` command would print it.
 pub fn public_jwks(key_file: &str, alg: Option<&str>) -> serde_json::Value {
     let bytes = std::fs::read(fixture(key_file)).unwrap();
-    let alg = alg.map(|a| token_sidecar::key::parse_alg(a).unwrap());
+    let alg = alg.map(|a| a.parse::<token_sidecar::Algorithm>().unwrap());
     let key = SigningKey::from_bytes(&bytes, alg, None).unwrap();
     serde_json::json!({ "keys": [key.public_jwk()] })
-}
-
-/// A sidecar config: loopback port-0 listeners, the given token endpoint and key, the routes.
-pub fn config(token_url: &str, key_file: &Path, token_extra: &str, routes: &str) -> String {
-    format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:0"
-shutdown_grace = "2s"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[token]
-token_url = "{token_url}"
-allow_insecure_token_url = true
-client_id = "{CLIENT_ID}"
-private_key_file = "{key}"
-{token_extra}
-
-{routes}
-"#,
-        key = key_file.display()
-    )
-}
-
-/// A `[[route]]` on the main listener with a path prefix, stripped, to a plain-HTTP loopback upstream.
-pub fn route(
-    name: &str,
-    prefix: &str,
-    upstream: &str,
-    scopes: &[&str],
-    audiences: &[&str],
-) -> String {
-    format!(
-        r#"
-[[route]]
-name = "{name}"
-path_prefix = "{prefix}"
-strip_prefix = true
-upstream = "{upstream}"
-allow_insecure_upstream = true
-scope = {scopes:?}
-audience = {audiences:?}
-timeout = "2s"
-connect_timeout = "1s"
-"#
-    )
 }
 
 /// A sidecar serving in this test's runtime.
@@ -93,9 +44,9 @@ pub struct Running {
 }
 
 impl Running {
-    pub async fn start(toml: &str) -> Running {
-        let cfg =
-            from_toml_str(toml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
+    /// Binds a validated configuration (a [`SidecarConfig`] is validated when it converts).
+    pub async fn start(cfg: impl Into<Config>) -> Running {
+        let cfg = cfg.into();
         let sidecar = Sidecar::bind(cfg).await.expect("sidecar binds");
         let addr = sidecar.proxy_addr();
         let admin = sidecar.admin_addr();

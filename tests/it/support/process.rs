@@ -112,10 +112,6 @@ impl SidecarProcess {
         }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.proxy, path)
     }

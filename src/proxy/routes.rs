@@ -1,6 +1,6 @@
 //! Routes: which upstream and which token a downstream request gets.
 //!
-//! Matching (SPEC §4): a route's dedicated `listen` port takes everything arriving on it. On the
+//! Matching (docs/spec.md §4): a route's dedicated `listen` port takes everything arriving on it. On the
 //! main listener a route matches when its `host` (if set) equals the request's host and its
 //! `path_prefix` (if set) is a path-segment prefix of the request path; among matches, a route
 //! naming the host beats one that does not, then the longest prefix wins.
@@ -12,41 +12,49 @@ use std::sync::Arc;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri};
 
-use crate::cache::Slot;
+use super::upstream::Upstream;
 use crate::config::RouteConfig;
-use crate::metrics::{Metrics, RouteMetrics};
-use crate::token::TokenKey;
+use crate::metrics::RouteMetrics;
+use crate::token::cache::Slot;
 
 /// A route as the proxy uses it.
 #[derive(Debug)]
 pub struct Route {
-    pub name: Arc<str>,
-    pub host: Option<String>,
-    pub path_prefix: Option<String>,
-    pub strip_prefix: bool,
-    pub upstream_scheme: Scheme,
-    pub upstream_authority: Authority,
+    pub(crate) name: Arc<str>,
+    pub(crate) host: Option<String>,
+    pub(crate) path_prefix: Option<String>,
+    /// Served on its own `listen` port only, never matched on the main listener.
+    pub(crate) dedicated: bool,
+    pub(crate) strip_prefix: bool,
+    pub(crate) upstream_scheme: Scheme,
+    pub(crate) upstream_authority: Authority,
     /// `Host` header value for the upstream, prepared once.
-    pub upstream_host: HeaderValue,
+    pub(crate) upstream_host: HeaderValue,
     /// The upstream URL's path without a trailing slash ("" for the root).
-    pub upstream_base_path: String,
-    pub token_key: TokenKey,
-    /// Filled in once the cache exists.
-    pub slot: Option<Arc<Slot>>,
+    pub(crate) upstream_base_path: String,
+    /// Where this route's token comes from; shared by routes with the same sets.
+    pub(crate) slot: Arc<Slot>,
+    /// The pooled client to this route's upstream.
+    pub(crate) upstream: Upstream,
     /// Evict and replay on any 401, not only on a Bearer `invalid_token` challenge.
     pub retry_on_401: bool,
-    pub metrics: RouteMetrics,
+    pub(crate) metrics: RouteMetrics,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("route {route}: {message}")]
 pub struct RouteError {
-    pub route: String,
-    pub message: String,
+    pub(crate) route: String,
+    pub(crate) message: String,
 }
 
 impl Route {
-    pub fn from_config(cfg: &RouteConfig, metrics: &Metrics) -> Result<Route, RouteError> {
+    /// The route for `cfg`, taking its token from `slot` and recording into `metrics`.
+    pub(crate) fn from_config(
+        cfg: &RouteConfig,
+        slot: Arc<Slot>,
+        metrics: RouteMetrics,
+    ) -> Result<Route, RouteError> {
         let err = |message: String| RouteError {
             route: cfg.name.clone(),
             message,
@@ -65,19 +73,21 @@ impl Route {
             .ok_or_else(|| err("upstream has no host".into()))?;
         let upstream_host = HeaderValue::from_str(authority.as_str())
             .map_err(|e| err(format!("upstream host: {e}")))?;
+        let upstream = Upstream::new(cfg).map_err(|e| err(e.to_string()))?;
         Ok(Route {
             name: Arc::from(cfg.name.as_str()),
             host: cfg.host.as_deref().map(normalize_host),
             path_prefix: cfg.path_prefix.clone(),
+            dedicated: cfg.listen.is_some(),
             strip_prefix: cfg.strip_prefix,
             upstream_scheme: scheme,
             upstream_authority: authority,
             upstream_host,
             upstream_base_path: uri.path().trim_end_matches('/').to_string(),
-            token_key: TokenKey::new(&cfg.scope, &cfg.audience),
-            slot: None,
+            slot,
+            upstream,
             retry_on_401: cfg.retry_on_401,
-            metrics: metrics.route(&cfg.name),
+            metrics,
         })
     }
 
@@ -85,7 +95,7 @@ impl Route {
     ///
     /// The path has already been checked by [`check_path`]; the result always starts with the
     /// upstream's base path, so a request cannot reach outside it.
-    pub fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    pub(crate) fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let rest = match (&self.path_prefix, self.strip_prefix) {
             (Some(prefix), true) => strip_segment_prefix(path, prefix).unwrap_or(path),
             _ => path,
@@ -112,7 +122,7 @@ impl Route {
 
 /// The rest of `path` after `prefix`, when `prefix` matches on a segment boundary:
 /// `/orders/` and `/orders` both match `/orders/42`; `/orders` does not match `/ordersX`.
-pub fn strip_segment_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+pub(crate) fn strip_segment_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
     let rest = path.strip_prefix(prefix)?;
     if prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/') {
         Some(rest)
@@ -124,7 +134,7 @@ pub fn strip_segment_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> 
 /// Rejects request paths that are not origin-form or that hold dot segments (also
 /// percent-encoded): an upstream that normalizes `/orders/../admin` would otherwise be reached
 /// outside the route's base path with the route's token.
-pub fn check_path(path: &str) -> Result<(), &'static str> {
+pub(crate) fn check_path(path: &str) -> Result<(), &'static str> {
     if !path.starts_with('/') {
         return Err("the request path must start with '/'");
     }
@@ -168,7 +178,7 @@ fn is_dot_segment(segment: &str) -> bool {
 }
 
 /// Strips an optional port and a trailing dot, lowercases.
-pub fn normalize_host(host: &str) -> String {
+pub(crate) fn normalize_host(host: &str) -> String {
     host_without_port(host).to_ascii_lowercase()
 }
 
@@ -192,20 +202,22 @@ fn host_without_port(host: &str) -> &str {
 
 /// All routes, with an index of the main-listener ones.
 #[derive(Debug)]
-pub struct RouteTable {
-    pub routes: Vec<Route>,
+pub(crate) struct RouteTable {
+    pub(crate) routes: Vec<Route>,
     /// Indices of the routes without a dedicated `listen`.
     main: Vec<usize>,
 }
 
 impl RouteTable {
-    pub fn new(routes: Vec<Route>, dedicated: &[bool]) -> RouteTable {
-        let main = (0..routes.len()).filter(|&i| !dedicated[i]).collect();
+    pub(crate) fn new(routes: Vec<Route>) -> RouteTable {
+        let main = (0..routes.len())
+            .filter(|&i| !routes[i].dedicated)
+            .collect();
         RouteTable { routes, main }
     }
 
     /// The best main-listener route for a request, by host then longest path prefix.
-    pub fn match_main(&self, host: Option<&str>, path: &str) -> Option<usize> {
+    pub(crate) fn match_main(&self, host: Option<&str>, path: &str) -> Option<usize> {
         // Per request: compare borrowed slices; route hosts were normalized at start-up.
         let host = host.map(host_without_port);
         let mut best: Option<(usize, (bool, usize))> = None;
@@ -235,25 +247,32 @@ impl RouteTable {
     }
 }
 
+/// A table built from `[[route]]` TOML text, each route with its own unregistered metrics and
+/// a slot of a cache that is never started: for the unit and property tests.
+#[cfg(test)]
+pub(crate) fn table(routes: &str) -> RouteTable {
+    use crate::token::TokenKey;
+    use crate::token::cache::{CacheBuilder, Policy};
+    let cfg = crate::config::from_toml_str(&format!(
+        "[token]\ntoken_url = \"https://idp.example.com/t\"\nclient_id = \"c\"\n\
+         auth_method = \"client_secret_post\"\nclient_secret = \"s\"\n{routes}"
+    ))
+    .expect("route config is valid");
+    let mut cache = CacheBuilder::new(Policy::from_config(&cfg.token));
+    let routes = cfg
+        .route
+        .iter()
+        .map(|r| {
+            let slot = cache.slot(TokenKey::new(&r.scope, &r.audience));
+            Route::from_config(r, slot, RouteMetrics::unregistered()).expect("route builds")
+        })
+        .collect();
+    RouteTable::new(routes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::from_toml_str;
-
-    fn table(routes: &str) -> RouteTable {
-        let cfg = from_toml_str(&format!(
-            "[token]\ntoken_url = \"https://idp/t\"\nclient_id = \"c\"\nauth_method = \"client_secret_post\"\nclient_secret = \"s\"\n{routes}"
-        ))
-        .unwrap();
-        let metrics = Metrics::new();
-        let routes: Vec<Route> = cfg
-            .route
-            .iter()
-            .map(|r| Route::from_config(r, &metrics).unwrap())
-            .collect();
-        let dedicated: Vec<bool> = cfg.route.iter().map(|r| r.listen.is_some()).collect();
-        RouteTable::new(routes, &dedicated)
-    }
 
     const ROUTES: &str = r#"
 [[route]]

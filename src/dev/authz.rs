@@ -12,27 +12,26 @@
 //! For development only: it keeps everything in memory and binds loopback addresses only.
 
 use std::collections::{BTreeSet, HashMap};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::util::unix_now;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{DecodingKey, Validation};
-use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::key::{Algorithm, SigningKey};
-use crate::token_client::ASSERTION_TYPE;
+use crate::server::accept::spawn_plain;
+use crate::token::assertion::AssertionClaims;
+use crate::token::client::ASSERTION_TYPE;
 
 /// Longest assertion lifetime accepted (`exp - iat`); Hydra and most servers bound it too.
 const MAX_ASSERTION_LIFETIME: u64 = 3600;
@@ -134,29 +133,11 @@ impl DevServer {
             clock_offset: AtomicI64::new(0),
         });
         let s = state.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let s = s.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let s = s.clone();
-                        async move { Ok::<_, Infallible>(handle(&s, req).await) }
-                    });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        let task = spawn_plain(listener, move |req| {
+            let s = s.clone();
+            async move { handle(&s, req).await }
         });
         Ok(DevServer { addr, state, task })
-    }
-
-    pub fn issuer(&self) -> &str {
-        &self.state.issuer
     }
 
     pub fn token_url(&self) -> &str {
@@ -165,11 +146,6 @@ impl DevServer {
 
     pub fn jwks_url(&self) -> String {
         format!("{}/.well-known/jwks.json", self.state.issuer)
-    }
-
-    /// The public JWK Set access tokens verify against.
-    pub fn jwks(&self) -> serde_json::Value {
-        json!({ "keys": [self.state.key.public_jwk()] })
     }
 
     /// Runs the server's clock `secs` ahead of (positive) or behind (negative) the system clock,
@@ -220,7 +196,7 @@ async fn handle(s: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 "grant_types_supported": ["client_credentials"],
                 "token_endpoint_auth_methods_supported": ["private_key_jwt"],
                 "token_endpoint_auth_signing_alg_values_supported":
-                    ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"],
+                    crate::key::supported_list().split(' ').collect::<Vec<_>>(),
                 "response_types_supported": [],
             }),
         ),
@@ -249,15 +225,6 @@ async fn handle(s: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         ),
         _ => respond(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
     }
-}
-
-#[derive(Deserialize)]
-struct AssertionClaims {
-    iss: Option<String>,
-    sub: Option<String>,
-    jti: Option<String>,
-    iat: Option<u64>,
-    exp: u64,
 }
 
 /// The token endpoint: checks the request in RFC order, then issues a token. Pure in `now`.
@@ -336,9 +303,16 @@ fn issue(s: &State, body: &[u8], now: u64) -> Result<Response<Full<Bytes>>, Refu
             "client_assertion is missing",
         ));
     };
-    let unverified: AssertionClaims =
-        match jsonwebtoken::dangerous::insecure_decode::<AssertionClaims>(assertion) {
-            Ok(d) => d.claims,
+    // Before the signature is checked, only `sub` is read (to find the client's key), and as a
+    // loose JSON value: a hostile assertion may lack any claim or give it any type, and must be
+    // told so by the verified decode below, not by a parse error here.
+    let unverified_sub =
+        match jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(assertion) {
+            Ok(d) => d
+                .claims
+                .get("sub")
+                .and_then(|s| s.as_str())
+                .map(str::to_owned),
             Err(_) => {
                 return Err(refuse(
                     StatusCode::UNAUTHORIZED,
@@ -348,7 +322,7 @@ fn issue(s: &State, body: &[u8], now: u64) -> Result<Response<Full<Bytes>>, Refu
             }
         };
     let form_client_id = one("client_id")?.map(str::to_owned);
-    let Some(client_id) = unverified.sub.clone().or_else(|| form_client_id.clone()) else {
+    let Some(client_id) = unverified_sub.or_else(|| form_client_id.clone()) else {
         return Err(refuse(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
@@ -380,15 +354,14 @@ fn issue(s: &State, body: &[u8], now: u64) -> Result<Response<Full<Bytes>>, Refu
     {
         let mut seen = s.seen_jti.lock().unwrap_or_else(|e| e.into_inner());
         seen.retain(|_, exp| *exp >= now);
-        let jti = claims.jti.clone().unwrap_or_default();
-        if seen.contains_key(&jti) {
+        if seen.contains_key(&claims.jti) {
             return Err(refuse(
                 StatusCode::UNAUTHORIZED,
                 "invalid_client",
                 "the assertion's jti was already used",
             ));
         }
-        seen.insert(jti, claims.exp);
+        seen.insert(claims.jti.clone(), claims.exp);
     }
 
     // What is asked for, against the client's allow-lists.
@@ -433,7 +406,7 @@ fn issue(s: &State, body: &[u8], now: u64) -> Result<Response<Full<Bytes>>, Refu
         "client_id": client.client_id,
         "iat": now,
         "exp": now + ttl,
-        "jti": crate::assertion::new_jti(),
+        "jti": crate::token::assertion::new_jti(),
         "scope": scope,
     });
     if !aud.is_null() {
@@ -506,44 +479,39 @@ fn verify_assertion(
             jsonwebtoken::errors::ErrorKind::InvalidIssuer => {
                 "the assertion's iss must be the client_id".to_string()
             }
+            // A missing claim (`iat`, `jti`, …) or one of another type (an `aud` array: the
+            // sidecar always sends one string) fails to deserialize into the shape the sidecar
+            // signs; serde's message names the claim.
+            jsonwebtoken::errors::ErrorKind::Json(e) => {
+                format!("the assertion's claims are not what RFC 7523 requires: {e}")
+            }
             other => format!("the assertion is invalid: {other:?}"),
         })?
         .claims;
-    if claims.sub.as_deref() != Some(client.client_id.as_str())
-        || claims.iss.as_deref() != Some(client.client_id.as_str())
-    {
+    if claims.sub != client.client_id || claims.iss != client.client_id {
         return Err("the assertion's iss and sub must be the client_id".into());
     }
     if claims.exp <= now {
         return Err("the assertion has expired".into());
     }
-    let iat = claims.iat.ok_or("the assertion has no iat")?;
-    if iat > now {
+    if claims.iat > now {
         return Err("the assertion's iat is in the future".into());
     }
-    if claims.exp - iat > MAX_ASSERTION_LIFETIME {
+    if claims.exp - claims.iat > MAX_ASSERTION_LIFETIME {
         return Err(format!(
             "the assertion may live at most {MAX_ASSERTION_LIFETIME} s"
         ));
     }
-    match &claims.jti {
-        Some(j) if j.len() >= 16 => {}
-        _ => return Err("the assertion needs a jti of at least 16 characters".into()),
+    if claims.jti.len() < 16 {
+        return Err("the assertion needs a jti of at least 16 characters".into());
     }
     Ok(claims)
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::assertion::{AssertionClaims as Claims, claims, new_jti};
+    use crate::token::assertion::{AssertionClaims as Claims, claims, new_jti};
     use http_body_util::BodyExt;
 
     const NOW: u64 = 1_800_000_000;

@@ -17,13 +17,13 @@ use crate::secret::Secret;
 /// The (scope set, audience set) a token is requested for; both sorted and de-duplicated so
 /// that routes listing the same sets in another order share one token.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TokenKey {
-    pub scopes: Vec<String>,
-    pub audiences: Vec<String>,
+pub(crate) struct TokenKey {
+    pub(crate) scopes: Vec<String>,
+    pub(crate) audiences: Vec<String>,
 }
 
 impl TokenKey {
-    pub fn new<S: AsRef<str>, A: AsRef<str>>(scopes: &[S], audiences: &[A]) -> TokenKey {
+    pub(crate) fn new<S: AsRef<str>, A: AsRef<str>>(scopes: &[S], audiences: &[A]) -> TokenKey {
         fn norm<T: AsRef<str>>(items: &[T]) -> Vec<String> {
             let mut v: Vec<String> = items.iter().map(|s| s.as_ref().to_string()).collect();
             v.sort();
@@ -37,7 +37,7 @@ impl TokenKey {
     }
 
     /// The `scope` form value: space-separated, or `None` when there are no scopes.
-    pub fn scope_param(&self) -> Option<String> {
+    pub(crate) fn scope_param(&self) -> Option<String> {
         (!self.scopes.is_empty()).then(|| self.scopes.join(" "))
     }
 }
@@ -54,21 +54,21 @@ impl fmt::Display for TokenKey {
 }
 
 /// An access token as issued, with what the cache needs to schedule it.
-pub struct AccessToken {
+pub(crate) struct AccessToken {
     /// `Bearer <token>`, built once per token and marked sensitive so hyper and our logging
     /// never print it.
     header: HeaderValue,
     value: Secret<String>,
     /// The lifetime the server granted (from `expires_in`, the JWT `exp`, or the configured default).
-    pub lifetime: Duration,
+    pub(crate) lifetime: Duration,
     /// Where `lifetime` came from, for logs.
-    pub lifetime_source: LifetimeSource,
+    pub(crate) lifetime_source: LifetimeSource,
     /// The granted scopes, when the server says.
-    pub scope: Option<String>,
+    pub(crate) scope: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LifetimeSource {
+pub(crate) enum LifetimeSource {
     ExpiresIn,
     JwtExp,
     Default,
@@ -76,11 +76,11 @@ pub enum LifetimeSource {
 
 impl AccessToken {
     /// The ready-made `Authorization` header value.
-    pub fn authorization(&self) -> &HeaderValue {
+    pub(crate) fn authorization(&self) -> &HeaderValue {
         &self.header
     }
 
-    pub fn secret(&self) -> &Secret<String> {
+    pub(crate) fn secret(&self) -> &Secret<String> {
         &self.value
     }
 }
@@ -98,18 +98,18 @@ impl fmt::Debug for AccessToken {
 
 /// RFC 6749 §5.2 error response, kept as the server sent it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct OAuthError {
-    pub error: String,
+pub(crate) struct OAuthError {
+    pub(crate) error: String,
     #[serde(default)]
-    pub error_description: Option<String>,
+    pub(crate) error_description: Option<String>,
     #[serde(default)]
-    pub error_uri: Option<String>,
+    pub(crate) error_uri: Option<String>,
 }
 
 impl OAuthError {
     /// Whether a new attempt (with a new assertion) can succeed. Hydra's `jti_known` means the
     /// assertion id was seen before; the §5.2 codes for configuration mistakes are final.
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         matches!(
             self.error.as_str(),
             "jti_known" | "temporarily_unavailable" | "server_error" | "slow_down"
@@ -129,7 +129,7 @@ impl fmt::Display for OAuthError {
 
 /// Why a token response could not be used.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum ResponseError {
+pub(crate) enum ResponseError {
     /// A §5.2 error body. Final unless [`OAuthError::is_retryable`].
     #[error("token endpoint answered {status}: {error}")]
     OAuth { status: u16, error: OAuthError },
@@ -146,7 +146,7 @@ pub enum ResponseError {
 }
 
 impl ResponseError {
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         match self {
             ResponseError::OAuth { error, .. } => error.is_retryable(),
             ResponseError::Status { .. } | ResponseError::Malformed { .. } => true,
@@ -163,12 +163,12 @@ struct RawSuccess {
 }
 
 /// Longest lifetime believed; keeps `Instant` arithmetic far from overflow whatever a server says.
-pub const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// Turns a token endpoint answer into a token or a typed error.
 ///
 /// `now_unix` is only used for the JWT `exp` fallback when `expires_in` is missing.
-pub fn parse_response(
+pub(crate) fn parse_response(
     status: u16,
     content_type: Option<&str>,
     body: &[u8],
@@ -309,7 +309,7 @@ fn json_error_class(e: &serde_json::Error) -> &'static str {
 }
 
 /// Server-provided text goes into logs and responses: keep it short and printable.
-pub fn sanitize(s: &str, max: usize) -> String {
+pub(crate) fn sanitize(s: &str, max: usize) -> String {
     let mut out: String = s.chars().filter(|c| !c.is_control()).take(max).collect();
     if s.chars().count() > max {
         out.push('…');

@@ -1,4 +1,4 @@
-//! The one place where the sidecar's own failures become HTTP responses (SPEC §5).
+//! The one place where the sidecar's own failures become HTTP responses (docs/spec.md §5).
 //!
 //! Every error made by the sidecar (not relayed from the upstream) carries a JSON body
 //! `{"error", "error_description", "route"}` and the same code in the `token-sidecar-error`
@@ -9,11 +9,11 @@ use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
-use crate::cache::TokenError;
+use crate::token::cache::TokenError;
+use crate::token::client::FailureKind;
 use crate::token::sanitize;
-use crate::token_client::FailureKind;
 
-pub const ERROR_HEADER: HeaderName = HeaderName::from_static("token-sidecar-error");
+pub(crate) const ERROR_HEADER: HeaderName = HeaderName::from_static("token-sidecar-error");
 
 /// Everything the proxy can fail with on its own.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +34,7 @@ pub enum ProxyError {
 
 /// A token failure as the application sees it.
 #[derive(Debug)]
-pub struct TokenFailure(pub TokenError);
+pub struct TokenFailure(pub(crate) TokenError);
 
 impl std::fmt::Display for TokenFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -55,8 +55,8 @@ impl std::fmt::Display for TokenFailure {
 }
 
 impl ProxyError {
-    /// The status and the SPEC §5 error code.
-    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+    /// The status and the docs/spec.md §5 error code.
+    pub(crate) fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             ProxyError::MethodNotAllowed(_) => {
@@ -89,7 +89,7 @@ impl ProxyError {
 }
 
 /// The response for `err` on `route` (None when no route matched).
-pub fn error_response<B: From<Bytes>>(err: &ProxyError, route: Option<&str>) -> Response<B> {
+pub(crate) fn error_response<B: From<Bytes>>(err: &ProxyError, route: Option<&str>) -> Response<B> {
     let (status, code) = err.status_and_code();
     let body = serde_json::json!({
         "error": code,
@@ -108,7 +108,7 @@ pub fn error_response<B: From<Bytes>>(err: &ProxyError, route: Option<&str>) -> 
 }
 
 /// A plain JSON response for the admin endpoints.
-pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+pub(crate) fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
     resp.headers_mut()
@@ -119,8 +119,8 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<F
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::client::FetchError;
     use crate::token::{OAuthError, ResponseError};
-    use crate::token_client::FetchError;
     use http_body_util::BodyExt;
     use std::sync::Arc;
     use std::time::Duration;

@@ -6,7 +6,7 @@ use std::time::Duration;
 /// The pause after the `failures`-th consecutive failure (1-based): `initial · 2^(failures-1)`,
 /// capped at `max`, then "equal jitter": between half and all of that. Jitter keeps many
 /// sidecars that failed together from retrying together.
-pub fn delay(initial: Duration, max: Duration, failures: u32, random: f64) -> Duration {
+pub(crate) fn delay(initial: Duration, max: Duration, failures: u32, random: f64) -> Duration {
     let exp = failures.saturating_sub(1).min(30);
     let base = initial.saturating_mul(1u32 << exp).min(max);
     let random = if random.is_finite() {
@@ -19,7 +19,7 @@ pub fn delay(initial: Duration, max: Duration, failures: u32, random: f64) -> Du
 }
 
 /// A uniform fraction in [0, 1) from the system RNG.
-pub fn random_fraction() -> f64 {
+pub(crate) fn random_fraction() -> f64 {
     let mut bytes = [0u8; 8];
     if aws_lc_rs::rand::fill(&mut bytes).is_err() {
         return 0.5;

@@ -11,20 +11,20 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
+use crate::proxy::respond::json_response;
 use crate::proxy::{Proxy, ProxyBody};
-use crate::respond::json_response;
 
-pub struct Admin {
+pub(crate) struct Admin {
     proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
 }
 
 impl Admin {
-    pub fn new(proxy: Arc<Proxy>, metrics: Arc<Metrics>) -> Admin {
+    pub(crate) fn new(proxy: Arc<Proxy>, metrics: Arc<Metrics>) -> Admin {
         Admin { proxy, metrics }
     }
 
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -55,8 +55,7 @@ impl Admin {
         let now = Instant::now();
         let mut waiting = Vec::new();
         for route in &self.proxy.table.routes {
-            let Some(slot) = &route.slot else { continue };
-            if let Err(reason) = slot.readiness(now) {
+            if let Err(reason) = route.slot.readiness(now) {
                 waiting.push(json!({"route": &*route.name, "reason": reason}));
             }
         }

@@ -21,26 +21,26 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::backoff;
 use crate::config::TokenConfig;
-use crate::metrics::{FetchOutcome, TokenMetrics};
+use crate::token::backoff;
+use crate::token::client::{FetchError, FetchOutcome, TokenClient};
 use crate::token::{AccessToken, TokenKey};
-use crate::token_client::{FetchError, TokenClient};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
 /// When to refresh a token and how long to send it.
 #[derive(Debug, Clone, Copy)]
-pub struct Policy {
-    pub refresh_at: f64,
-    pub refresh_before_expiry: Duration,
-    pub expiry_skew: Duration,
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
+pub(crate) struct Policy {
+    pub(crate) refresh_at: f64,
+    pub(crate) refresh_before_expiry: Duration,
+    pub(crate) expiry_skew: Duration,
+    pub(crate) backoff_initial: Duration,
+    pub(crate) backoff_max: Duration,
     /// How long a request waits for a token when none is usable.
-    pub wait_timeout: Duration,
+    pub(crate) wait_timeout: Duration,
 }
 
 impl Policy {
-    pub fn from_config(cfg: &TokenConfig) -> Policy {
+    pub(crate) fn from_config(cfg: &TokenConfig) -> Policy {
         Policy {
             refresh_at: cfg.refresh_at,
             refresh_before_expiry: cfg.refresh_before_expiry,
@@ -56,11 +56,11 @@ impl Policy {
 /// Offsets from the moment the token request was sent (conservative: the server started the
 /// lifetime no earlier than that).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Schedule {
+pub(crate) struct Schedule {
     /// From here on the refresher fetches a replacement.
-    pub refresh_due: Duration,
+    pub(crate) refresh_due: Duration,
     /// The token is not sent after this (expiry minus skew).
-    pub usable_for: Duration,
+    pub(crate) usable_for: Duration,
 }
 
 /// Pure: when to refresh a token of `lifetime` and until when to use it.
@@ -69,7 +69,7 @@ pub struct Schedule {
 /// comes first, but never before a quarter of the lifetime (a short-lived token would otherwise
 /// be refetched in a loop) and never after it stops being usable. The skew is clamped to half the
 /// lifetime so that a token shorter than twice the skew is still used for a while.
-pub fn schedule(lifetime: Duration, policy: &Policy) -> Schedule {
+pub(crate) fn schedule(lifetime: Duration, policy: &Policy) -> Schedule {
     let skew = policy.expiry_skew.min(lifetime / 2);
     let usable_for = lifetime - skew;
     // NaN would slip through clamp and make mul_f64 panic; validation refuses it, this is belt
@@ -90,19 +90,17 @@ pub fn schedule(lifetime: Duration, policy: &Policy) -> Schedule {
 
 /// A token in the cache with its deadlines.
 #[derive(Debug)]
-pub struct CachedToken {
-    pub token: AccessToken,
-    pub fetched_at: Instant,
-    pub refresh_due: Instant,
-    pub usable_until: Instant,
-    pub expires_at: Instant,
+pub(crate) struct CachedToken {
+    pub(crate) token: AccessToken,
+    pub(crate) refresh_due: Instant,
+    pub(crate) usable_until: Instant,
+    pub(crate) expires_at: Instant,
 }
 
 impl CachedToken {
     fn new(token: AccessToken, fetched_at: Instant, policy: &Policy) -> CachedToken {
         let s = schedule(token.lifetime, policy);
         CachedToken {
-            fetched_at,
             refresh_due: fetched_at + s.refresh_due,
             usable_until: fetched_at + s.usable_for,
             expires_at: fetched_at + token.lifetime,
@@ -110,7 +108,7 @@ impl CachedToken {
         }
     }
 
-    pub fn is_usable(&self, now: Instant) -> bool {
+    pub(crate) fn is_usable(&self, now: Instant) -> bool {
         now < self.usable_until
     }
 }
@@ -136,14 +134,15 @@ struct State {
     last_error: Option<Arc<FetchError>>,
 }
 
-/// Counters for one slot (exported as metrics at scrape time).
+/// Counters for one slot, read by the metrics at scrape time. The only place fetches are
+/// counted: the metrics and the tests both read these.
 #[derive(Debug, Default)]
 pub struct SlotStats {
     hits: AtomicU64,
     misses: AtomicU64,
     refreshes: AtomicU64,
-    fetch_ok: AtomicU64,
-    fetch_failed: AtomicU64,
+    /// Indexed by [`FetchOutcome`].
+    fetches: [AtomicU64; FetchOutcome::ALL.len()],
 }
 
 impl SlotStats {
@@ -159,21 +158,25 @@ impl SlotStats {
     pub fn refreshes(&self) -> u64 {
         self.refreshes.load(Ordering::Relaxed)
     }
-    /// Token requests that succeeded / failed.
-    pub fn fetches(&self) -> (u64, u64) {
-        (
-            self.fetch_ok.load(Ordering::Relaxed),
-            self.fetch_failed.load(Ordering::Relaxed),
-        )
+    /// Token requests that ended with `outcome`.
+    pub(crate) fn fetches(&self, outcome: FetchOutcome) -> u64 {
+        self.fetches[outcome as usize].load(Ordering::Relaxed)
+    }
+    /// Token requests made, whatever their outcome.
+    pub fn fetches_total(&self) -> u64 {
+        FetchOutcome::ALL
+            .iter()
+            .map(|(o, _)| self.fetches(*o))
+            .sum()
     }
 }
 
 /// A token handed to a request, and whether it came straight from the cache.
 #[derive(Debug, Clone)]
 pub struct Lease {
-    pub token: Arc<CachedToken>,
+    pub(crate) token: Arc<CachedToken>,
     /// False when the request had to wait for the token endpoint.
-    pub cached: bool,
+    pub(crate) cached: bool,
 }
 
 /// One (scope set, audience set) and its token.
@@ -210,10 +213,6 @@ impl Slot {
         }
     }
 
-    pub fn key(&self) -> &TokenKey {
-        &self.key
-    }
-
     /// The cached token, if it may still be sent at `now`.
     fn usable(&self, now: Instant) -> Option<Arc<CachedToken>> {
         self.current.load_full().filter(|t| t.is_usable(now))
@@ -226,7 +225,7 @@ impl Slot {
     }
 
     /// A usable token, waiting for the refresher only when none is cached.
-    pub async fn token(&self) -> Result<Lease, TokenError> {
+    pub(crate) async fn token(&self) -> Result<Lease, TokenError> {
         if let Some(t) = self.usable(Instant::now()) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Lease {
@@ -242,7 +241,7 @@ impl Slot {
     }
 
     /// How long until the cached token expires, if one is cached and not yet expired.
-    pub fn expires_in(&self, now: Instant) -> Option<Duration> {
+    pub(crate) fn expires_in(&self, now: Instant) -> Option<Duration> {
         self.current
             .load()
             .as_ref()
@@ -284,7 +283,7 @@ impl Slot {
 
     /// Drops `token` if it is still the cached one (the upstream said it is invalid) and has the
     /// refresher fetch a new one.
-    pub fn evict(&self, token: &Arc<CachedToken>) {
+    pub(crate) fn evict(&self, token: &Arc<CachedToken>) {
         let prev = self
             .current
             .compare_and_swap(&Some(token.clone()), None::<Arc<CachedToken>>);
@@ -301,7 +300,7 @@ impl Slot {
     }
 
     /// Whether a usable token is cached, and if not, why.
-    pub fn readiness(&self, now: Instant) -> Result<Duration, String> {
+    pub(crate) fn readiness(&self, now: Instant) -> Result<Duration, String> {
         if let Some(t) = self.usable(now) {
             return Ok(t.usable_until - now);
         }
@@ -327,7 +326,7 @@ impl Slot {
         }
     }
 
-    async fn refresh_loop(self: Arc<Self>, client: Arc<TokenClient>, metrics: TokenMetrics) {
+    async fn refresh_loop(self: Arc<Self>, client: Arc<TokenClient>, fetch_duration: Histogram) {
         loop {
             let now = Instant::now();
             let next = self.next_fetch_at(now);
@@ -344,13 +343,12 @@ impl Slot {
             }
             let started = Instant::now();
             let result = client.fetch(&self.key).await;
-            metrics.fetched(
-                match &result {
-                    Ok(_) => FetchOutcome::Ok,
-                    Err(e) => e.outcome(),
-                },
-                started.elapsed(),
-            );
+            let outcome = match &result {
+                Ok(_) => FetchOutcome::Ok,
+                Err(e) => e.outcome(),
+            };
+            self.stats.fetches[outcome as usize].fetch_add(1, Ordering::Relaxed);
+            fetch_duration.observe(started.elapsed().as_secs_f64());
             {
                 let mut st = self.state();
                 st.fetching = false;
@@ -367,7 +365,6 @@ impl Slot {
                         st.failures = 0;
                         st.retry_at = None;
                         st.last_error = None;
-                        self.stats.fetch_ok.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(error) => {
                         st.failures = st.failures.saturating_add(1);
@@ -388,7 +385,6 @@ impl Slot {
                         );
                         st.retry_at = Some(Instant::now() + pause);
                         st.last_error = Some(Arc::new(error));
-                        self.stats.fetch_failed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -397,10 +393,61 @@ impl Slot {
     }
 }
 
+/// Collects the slots the routes need, one per distinct key, before anything runs: routes are
+/// built with their `Arc<Slot>` in hand, so no route ever lacks one.
+#[derive(Debug)]
+pub(crate) struct CacheBuilder {
+    policy: Policy,
+    slots: Vec<Arc<Slot>>,
+}
+
+impl CacheBuilder {
+    pub(crate) fn new(policy: Policy) -> CacheBuilder {
+        CacheBuilder {
+            policy,
+            slots: Vec::new(),
+        }
+    }
+
+    /// The slot for `key`, shared with every other route asking for the same sets.
+    pub(crate) fn slot(&mut self, key: TokenKey) -> Arc<Slot> {
+        if let Some(s) = self.slots.iter().find(|s| s.key == key) {
+            return s.clone();
+        }
+        let slot = Arc::new(Slot::new(key, self.policy));
+        self.slots.push(slot.clone());
+        slot
+    }
+
+    /// Starts one refresher per slot, each prefetching right away. Must be called inside a
+    /// Tokio runtime.
+    pub(crate) fn start(self, client: Arc<TokenClient>) -> TokenCache {
+        // 5 ms … ~10 s.
+        let fetch_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        let tasks = self
+            .slots
+            .iter()
+            .map(|s| {
+                tokio::spawn(
+                    s.clone()
+                        .refresh_loop(client.clone(), fetch_duration.clone()),
+                )
+            })
+            .collect();
+        TokenCache {
+            slots: self.slots,
+            tasks,
+            fetch_duration,
+        }
+    }
+}
+
 /// All slots, and the refresher tasks that keep them filled. Dropping it stops the refreshers.
 pub struct TokenCache {
     slots: Vec<Arc<Slot>>,
     tasks: Vec<JoinHandle<()>>,
+    /// Duration of every fetch, retries included.
+    fetch_duration: Histogram,
 }
 
 impl std::fmt::Debug for TokenCache {
@@ -412,45 +459,18 @@ impl std::fmt::Debug for TokenCache {
 }
 
 impl TokenCache {
-    /// One slot per distinct key; starts a refresher for each, which prefetches right away.
-    /// Must be called inside a Tokio runtime.
-    pub fn start(
-        keys: impl IntoIterator<Item = TokenKey>,
-        client: Arc<TokenClient>,
-        policy: Policy,
-        metrics: TokenMetrics,
-    ) -> TokenCache {
-        let mut slots: Vec<Arc<Slot>> = Vec::new();
-        for key in keys {
-            if !slots.iter().any(|s| s.key == key) {
-                slots.push(Arc::new(Slot::new(key, policy)));
-            }
-        }
-        let tasks = slots
-            .iter()
-            .map(|s| tokio::spawn(s.clone().refresh_loop(client.clone(), metrics.clone())))
-            .collect();
-        TokenCache { slots, tasks }
-    }
-
-    /// The slot for `key`; every key passed to `start` has one.
-    pub fn slot(&self, key: &TokenKey) -> Option<Arc<Slot>> {
-        self.slots.iter().find(|s| &s.key == key).cloned()
-    }
-
+    /// Every slot, one per distinct (scope set, audience set), in the order routes named them.
     pub fn slots(&self) -> &[Arc<Slot>] {
         &self.slots
     }
 
-    /// Token requests made so far, successful or not.
+    /// Token requests made so far by every slot, successful or not.
     pub fn fetches(&self) -> u64 {
-        self.slots
-            .iter()
-            .map(|s| {
-                s.stats.fetch_ok.load(Ordering::Relaxed)
-                    + s.stats.fetch_failed.load(Ordering::Relaxed)
-            })
-            .sum()
+        self.slots.iter().map(|s| s.stats.fetches_total()).sum()
+    }
+
+    pub(crate) fn fetch_duration(&self) -> &Histogram {
+        &self.fetch_duration
     }
 }
 

@@ -24,7 +24,7 @@ const NONE: u64 = u64::MAX;
 
 /// What the watchdog knows about one connection. Times are milliseconds since `origin`.
 #[derive(Debug)]
-pub struct Tracker {
+pub(crate) struct Tracker {
     origin: Instant,
     /// Last time bytes were read or written.
     last_io: AtomicU64,
@@ -37,7 +37,7 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new() -> Arc<Tracker> {
+    pub(crate) fn new() -> Arc<Tracker> {
         Arc::new(Tracker {
             origin: Instant::now(),
             last_io: AtomicU64::new(0),
@@ -68,7 +68,7 @@ impl Tracker {
     }
 
     /// A request's head has been parsed and handed to the service.
-    pub fn request_started(self: &Arc<Self>, version: http::Version) -> InFlight {
+    pub(crate) fn request_started(self: &Arc<Self>, version: http::Version) -> InFlight {
         if version == http::Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
         }
@@ -90,7 +90,7 @@ impl Tracker {
 
 /// Held for as long as a request (and its response body) is in flight.
 #[derive(Debug)]
-pub struct InFlight(Arc<Tracker>);
+pub(crate) struct InFlight(Arc<Tracker>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -101,15 +101,15 @@ impl Drop for InFlight {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Snapshot {
-    pub now_ms: u64,
-    pub last_io_ms: u64,
-    pub head_started_ms: Option<u64>,
-    pub in_flight: usize,
+pub(crate) struct Snapshot {
+    pub(crate) now_ms: u64,
+    pub(crate) last_io_ms: u64,
+    pub(crate) head_started_ms: Option<u64>,
+    pub(crate) in_flight: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Keep,
     /// A request head has been arriving for longer than `header_read_timeout`.
     HeaderTimeout,
@@ -118,7 +118,11 @@ pub enum Verdict {
 }
 
 /// Pure: whether a connection in state `s` must be closed.
-pub fn verdict(s: Snapshot, header_read_timeout: Duration, idle_timeout: Duration) -> Verdict {
+pub(crate) fn verdict(
+    s: Snapshot,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+) -> Verdict {
     if s.in_flight > 0 {
         return Verdict::Keep;
     }
@@ -136,7 +140,7 @@ pub fn verdict(s: Snapshot, header_read_timeout: Duration, idle_timeout: Duratio
 }
 
 /// Resolves when the connection must be closed, checking a few times per timeout.
-pub async fn watchdog(
+pub(crate) async fn watchdog(
     tracker: Arc<Tracker>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
@@ -153,13 +157,13 @@ pub async fn watchdog(
 
 /// A socket that reports its traffic to a [`Tracker`].
 #[derive(Debug)]
-pub struct TrackedIo<T> {
+pub(crate) struct TrackedIo<T> {
     inner: T,
     tracker: Arc<Tracker>,
 }
 
 impl<T> TrackedIo<T> {
-    pub fn new(inner: T, tracker: Arc<Tracker>) -> Self {
+    pub(crate) fn new(inner: T, tracker: Arc<Tracker>) -> Self {
         TrackedIo { inner, tracker }
     }
 }
@@ -220,13 +224,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
 /// A response body that keeps its request counted as in flight until it is finished or dropped,
 /// so a long download is never mistaken for an idle connection.
 #[derive(Debug)]
-pub struct TrackedBody<B> {
+pub(crate) struct TrackedBody<B> {
     inner: B,
     _in_flight: InFlight,
 }
 
 impl<B> TrackedBody<B> {
-    pub fn new(inner: B, in_flight: InFlight) -> Self {
+    pub(crate) fn new(inner: B, in_flight: InFlight) -> Self {
         TrackedBody {
             inner,
             _in_flight: in_flight,

@@ -1,6 +1,6 @@
 //! The RFC 7523 §2.2 client assertion: a short-lived JWT signed with the client's key.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use aws_lc_rs::rand::{SecureRandom as _, SystemRandom};
 use base64::Engine as _;
@@ -8,26 +8,27 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::key::{KeyError, SigningKey};
 use crate::secret::Secret;
+use crate::util::unix_now;
 
-/// Random bytes per `jti`: 192 bits, well above the 128 SPEC §2 asks for.
+/// Random bytes per `jti`: 192 bits, well above the 128 docs/spec.md §2 asks for.
 const JTI_BYTES: usize = 24;
 
 /// The assertion's claims (RFC 7523 §3). No `nbf`: Hydra allows no clock skew, and `iat` already
 /// says when the assertion became valid.
 #[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct AssertionClaims {
-    pub iss: String,
-    pub sub: String,
-    pub aud: String,
-    pub jti: String,
-    pub iat: u64,
-    pub exp: u64,
+pub(crate) struct AssertionClaims {
+    pub(crate) iss: String,
+    pub(crate) sub: String,
+    pub(crate) aud: String,
+    pub(crate) jti: String,
+    pub(crate) iat: u64,
+    pub(crate) exp: u64,
 }
 
 /// Pure: `iss` = `sub` = `client_id`, `aud` = `audience`, `iat` = `now_unix` (whole seconds,
 /// floored by the caller so it is never ahead of the server's clock), `exp` = `iat` + `lifetime`
 /// in whole seconds, at least 1 so the assertion is never born expired.
-pub fn claims(
+pub(crate) fn claims(
     client_id: &str,
     audience: &str,
     jti: String,
@@ -62,12 +63,7 @@ pub fn sign(
     audience: &str,
     lifetime: Duration,
 ) -> Result<Secret<String>, KeyError> {
-    // A clock before 1970 is broken beyond what the server would accept anyway; 0 keeps `iat`
-    // in the past rather than failing here.
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = unix_now();
     key.sign(&claims(client_id, audience, new_jti(), now, lifetime))
 }
 
@@ -75,17 +71,14 @@ pub fn sign(
 /// `clock_tolerance`: `iat` is set that far in the past, so a server running behind never sees it
 /// in its future (Hydra allows no skew), and `exp` stays `lifetime` after our now, so a server
 /// running ahead still sees it unexpired as long as `lifetime` exceeds the tolerance.
-pub fn sign_tolerant(
+pub(crate) fn sign_tolerant(
     key: &SigningKey,
     client_id: &str,
     audience: &str,
     lifetime: Duration,
     clock_tolerance: Duration,
 ) -> Result<Secret<String>, KeyError> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = unix_now();
     let back = clock_tolerance.as_secs().min(now);
     key.sign(&claims(
         client_id,
@@ -172,16 +165,10 @@ mod tests {
     fn sign_makes_a_verifiable_fresh_assertion() {
         let (_, key) = SigningKey::generate(Algorithm::ES256).unwrap();
         let audience = "https://hydra.example.com/oauth2/token";
-        let before = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+        let before = crate::util::unix_now();
         let a = sign(&key, "orders-service", audience, Duration::from_secs(60)).unwrap();
         let b = sign(&key, "orders-service", audience, Duration::from_secs(60)).unwrap();
-        let after = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+        let after = crate::util::unix_now();
 
         let jwk: Jwk = serde_json::from_value(key.public_jwk()).unwrap();
         let mut validation = Validation::new(Algorithm::ES256);

@@ -1,28 +1,29 @@
 //! The client side of the token endpoint: one `client_credentials` request per call, with the
-//! retry policy of SPEC §2.
+//! retry policy of docs/spec.md §2.
 //!
 //! Each attempt signs a new assertion (a retried assertion would be refused as a replay), and the
 //! whole fetch, retries and pauses included, is bounded by `request_timeout`, so a caller waiting
 //! on it can never hang longer than that.
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use tokio::time::Instant;
 
-use crate::backoff;
 use crate::config::{AudienceParam, AuthMethod, TokenConfig};
 use crate::key::{KeyError, KeySource};
 use crate::secret::Secret;
+use crate::token::backoff;
 use crate::token::{AccessToken, ResponseError, TokenKey, parse_response};
+use crate::util::{error_chain, unix_now};
 
 /// RFC 7523 §2.2.
-pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+pub(crate) const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// Why no token came back.
 #[derive(Debug, thiserror::Error)]
-pub enum FetchError {
+pub(crate) enum FetchError {
     #[error(transparent)]
     Response(#[from] ResponseError),
     #[error("token endpoint unreachable: {0}")]
@@ -35,9 +36,31 @@ pub enum FetchError {
     Credentials(String),
 }
 
-/// How a failed fetch is reported to the application (SPEC §5) and counted.
+/// How a token fetch ended, as counted (the `outcome` label of `token_sidecar_token_fetches_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
+pub(crate) enum FetchOutcome {
+    Ok,
+    /// The server refused (an RFC 6749 error that retrying cannot fix).
+    Rejected,
+    /// Unreachable, timed out, 5xx.
+    Unavailable,
+    /// A 200 whose body is not a usable token response.
+    Invalid,
+}
+
+impl FetchOutcome {
+    /// Every outcome with its label value; `outcome as usize` indexes this.
+    pub(crate) const ALL: [(FetchOutcome, &'static str); 4] = [
+        (FetchOutcome::Ok, "ok"),
+        (FetchOutcome::Rejected, "rejected"),
+        (FetchOutcome::Unavailable, "unavailable"),
+        (FetchOutcome::Invalid, "invalid"),
+    ];
+}
+
+/// How a failed fetch is reported to the application (docs/spec.md §5) and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureKind {
     /// The server said no: a configuration problem that retrying cannot fix.
     Rejected,
     /// The server could not be asked or gave no usable answer; worth retrying later.
@@ -45,7 +68,7 @@ pub enum FailureKind {
 }
 
 impl FetchError {
-    pub fn kind(&self) -> FailureKind {
+    pub(crate) fn kind(&self) -> FailureKind {
         match self {
             FetchError::Response(ResponseError::OAuth { error, .. }) if !error.is_retryable() => {
                 FailureKind::Rejected
@@ -63,9 +86,8 @@ impl FetchError {
         }
     }
 
-    /// How the fetch is counted in metrics.
-    pub fn outcome(&self) -> crate::metrics::FetchOutcome {
-        use crate::metrics::FetchOutcome;
+    /// How the fetch is counted.
+    pub(crate) fn outcome(&self) -> FetchOutcome {
         match self {
             _ if self.kind() == FailureKind::Rejected => FetchOutcome::Rejected,
             FetchError::Response(ResponseError::Malformed { status: 200, .. }) => {
@@ -76,7 +98,7 @@ impl FetchError {
     }
 
     /// The server's own error code, when it sent one.
-    pub fn oauth_code(&self) -> Option<&str> {
+    pub(crate) fn oauth_code(&self) -> Option<&str> {
         match self {
             FetchError::Response(ResponseError::OAuth { error, .. }) => Some(&error.error),
             _ => None,
@@ -113,7 +135,7 @@ impl SecretSource {
 }
 
 /// Talks to one token endpoint as one client.
-pub struct TokenClient {
+pub(crate) struct TokenClient {
     http: reqwest::Client,
     token_url: String,
     client_id: String,
@@ -148,7 +170,7 @@ pub enum ClientBuildError {
 
 impl TokenClient {
     /// Builds the client from validated config; loads (and checks) the signing key once.
-    pub fn new(cfg: &TokenConfig) -> Result<TokenClient, ClientBuildError> {
+    pub(crate) fn new(cfg: &TokenConfig) -> Result<TokenClient, ClientBuildError> {
         crate::tls::provider();
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -216,24 +238,16 @@ impl TokenClient {
         })
     }
 
-    pub fn token_url(&self) -> &str {
-        &self.token_url
-    }
-
-    pub fn request_timeout(&self) -> Duration {
-        self.request_timeout
-    }
-
     /// The signing key source, when the client authenticates with `private_key_jwt`.
-    pub fn key_source(&self) -> Option<&KeySource> {
+    pub(crate) fn key_source(&self) -> Option<&KeySource> {
         match &self.auth {
             ClientAuth::PrivateKeyJwt { key, .. } => Some(key),
             _ => None,
         }
     }
 
-    /// Gets one token for `key`, retrying what SPEC §2 says is retryable, within `request_timeout`.
-    pub async fn fetch(&self, key: &TokenKey) -> Result<AccessToken, FetchError> {
+    /// Gets one token for `key`, retrying what docs/spec.md §2 says is retryable, within `request_timeout`.
+    pub(crate) async fn fetch(&self, key: &TokenKey) -> Result<AccessToken, FetchError> {
         let deadline = Instant::now() + self.request_timeout;
         let mut attempt = 1;
         loop {
@@ -315,7 +329,7 @@ impl TokenClient {
                 clock_tolerance,
             } => {
                 let signing_key = source.current();
-                let assertion = crate::assertion::sign_tolerant(
+                let assertion = crate::token::assertion::sign_tolerant(
                     &signing_key,
                     &self.client_id,
                     audience,
@@ -382,26 +396,4 @@ async fn read_bounded(
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// reqwest's top-level message is vague ("error sending request"); the causes say what happened.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }

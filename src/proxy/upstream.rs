@@ -15,20 +15,20 @@ use crate::tls::{self, TlsError};
 
 /// A request body to the upstream: streamed from the downstream, or buffered (small bodies,
 /// kept for a replay after a 401).
-pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+pub(crate) type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// A route's upstream connection pool and its timeouts.
 #[derive(Debug, Clone)]
-pub struct Upstream {
-    pub client: UpstreamClient,
+pub(crate) struct Upstream {
+    pub(crate) client: UpstreamClient,
     /// Until the upstream's response headers arrive.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 impl Upstream {
-    pub fn new(cfg: &RouteConfig) -> Result<Upstream, TlsError> {
+    pub(crate) fn new(cfg: &RouteConfig) -> Result<Upstream, TlsError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);

@@ -1,0 +1,319 @@
+//! Configuration: `sidecar.toml` plus `SIDECAR_<SECTION>__<KEY>` environment overrides.
+//!
+//! This module is the schema: the serde types exactly as `sidecar.toml` spells them. The other
+//! parts each have one job:
+//!
+//! - `defaults.rs` holds every default value, and nothing else does. The README's configuration
+//!   table and the comments in `sidecar.toml` restate them; a unit test there fails when either
+//!   disagrees with the code or leaves out a key.
+//! - `load.rs` layers built-in defaults < a base (the TOML file, or `dev`'s built-in
+//!   config) < the environment with figment and deserializes strictly (unknown keys are errors).
+//!   Every command goes through the same layering.
+//! - `validate.rs` checks everything serde cannot express and reports *every* problem at once,
+//!   each naming its key, so an operator fixes a broken file in one round trip.
+//!
+//! Invariants: a [`Config`] handed to the server has passed [`Config::validate`]; it is immutable
+//! for the life of the process; secrets never appear in its `Debug` or redacted TOML output.
+
+mod defaults;
+mod error;
+mod load;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::secret::Secret;
+
+pub use error::ConfigError;
+pub use error::Problem;
+pub use load::from_toml_str;
+#[cfg(feature = "dev")]
+pub(crate) use load::{Base, layered};
+pub(crate) use load::{load, resolve_path};
+
+/// The whole configuration, as `sidecar.toml` spells it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    pub token: TokenConfig,
+    /// `[[route]]` tables. At least one is required.
+    #[serde(default)]
+    pub route: Vec<RouteConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[proxy]`: the main listener and the limits that apply to every listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Main listener; routes without their own `listen` are matched here by host and path.
+    pub listen: SocketAddr,
+    /// Connections accepted at once per listener; further clients wait in the kernel backlog.
+    pub max_connections: usize,
+    /// A client slower than this to send a request's head (request line and headers) is
+    /// disconnected.
+    #[serde(with = "duration_str")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight and no traffic for this long is closed.
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
+    /// Largest request head (request line plus headers) accepted, in bytes.
+    pub max_header_bytes: usize,
+    /// Most request headers accepted.
+    pub max_headers: usize,
+    /// Threads serving requests; 0 = one per CPU available to the process (cgroup limits
+    /// included). With one, the sidecar runs on a single-threaded runtime, which on one CPU
+    /// costs about a third less CPU per request than a multi-threaded one.
+    pub worker_threads: usize,
+    /// On SIGTERM/SIGINT, in-flight requests get this long to finish before they are cut.
+    #[serde(with = "duration_str")]
+    pub shutdown_grace: Duration,
+    /// Request bodies of known size up to this many bytes are kept for one replay after the
+    /// upstream rejects the token; larger ones stream and a 401 goes back unchanged.
+    pub retry_body_limit: usize,
+}
+
+/// `[admin]`: the operations listener (`/healthz`, `/readyz`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// How the client authenticates at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    /// RFC 7523 §2.2: a freshly signed JWT per request.
+    PrivateKeyJwt,
+    /// RFC 6749 §2.3.1: HTTP Basic with the client secret.
+    ClientSecretBasic,
+    /// RFC 6749 §2.3.1: the client secret in the form body.
+    ClientSecretPost,
+}
+
+/// How the route's audiences are requested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AudienceParam {
+    /// Ory Hydra / Auth0: one `audience` parameter, space-separated.
+    Audience,
+    /// RFC 8707: one `resource` parameter per audience.
+    Resource,
+}
+
+/// `[token]`: the authorization server and this client's registration there.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The token endpoint, e.g. `https://hydra.example.com/oauth2/token`.
+    pub token_url: String,
+    /// Required to be true for a plain `http://` token_url (credentials would cross the network in clear text).
+    #[serde(default)]
+    pub allow_insecure_token_url: bool,
+    pub client_id: String,
+    #[serde(default)]
+    pub auth_method: AuthMethod,
+    /// PEM (PKCS#8, PKCS#1 RSA, SEC1 EC) or JWK file; re-read when it changes.
+    #[serde(default)]
+    pub private_key_file: Option<PathBuf>,
+    /// `kid` header of the assertion; default: the JWK's `kid`, else the RFC 7638 thumbprint.
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// Default: derived from the key (RSA → RS256, P-256 → ES256, P-384 → ES384, Ed25519 → EdDSA).
+    #[serde(default)]
+    pub signing_alg: Option<String>,
+    /// `aud` of the assertion; default: `token_url` exactly as written.
+    #[serde(default)]
+    pub assertion_audience: Option<String>,
+    #[serde(default = "defaults::token::assertion_lifetime", with = "duration_str")]
+    pub assertion_lifetime: Duration,
+    /// The token endpoint's clock may differ from ours by this much: the assertion's `iat` is
+    /// set this far in the past (a server running behind must not see it in its future) and its
+    /// `exp` stays `assertion_lifetime` ahead (which must exceed this tolerance).
+    #[serde(
+        default = "defaults::token::clock_skew_tolerance",
+        with = "duration_str"
+    )]
+    pub clock_skew_tolerance: Duration,
+    /// File holding the client secret (`client_secret_basic` / `client_secret_post`).
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// The client secret inline; prefer `client_secret_file` or the environment.
+    #[serde(default)]
+    pub client_secret: Option<Secret<String>>,
+    #[serde(default)]
+    pub audience_param: AudienceParam,
+    /// Fraction of a token's lifetime after which it is refreshed.
+    #[serde(default = "defaults::token::refresh_at")]
+    pub refresh_at: f64,
+    /// Refresh at the latest this long before expiry (whichever of the two comes first).
+    #[serde(
+        default = "defaults::token::refresh_before_expiry",
+        with = "duration_str"
+    )]
+    pub refresh_before_expiry: Duration,
+    /// A token is never sent within this long of its expiry.
+    #[serde(default = "defaults::token::expiry_skew", with = "duration_str")]
+    pub expiry_skew: Duration,
+    /// Lifetime assumed when the response has neither `expires_in` nor a JWT `exp`.
+    #[serde(default = "defaults::token::default_token_ttl", with = "duration_str")]
+    pub default_token_ttl: Duration,
+    /// Bound on one whole token fetch, retries included.
+    #[serde(default = "defaults::token::request_timeout", with = "duration_str")]
+    pub request_timeout: Duration,
+    /// Attempts per fetch for retryable failures (transport, timeout, 5xx, `jti_known`).
+    #[serde(default = "defaults::token::max_attempts")]
+    pub max_attempts: u32,
+    /// First pause after a failed fetch; doubles per consecutive failure, with jitter.
+    #[serde(
+        default = "defaults::token::retry_backoff_initial",
+        with = "duration_str"
+    )]
+    pub retry_backoff_initial: Duration,
+    /// Cap on the pause between failed fetches.
+    #[serde(default = "defaults::token::retry_backoff_max", with = "duration_str")]
+    pub retry_backoff_max: Duration,
+    /// Largest token response body read, in bytes.
+    #[serde(default = "defaults::token::max_response_bytes")]
+    pub max_response_bytes: usize,
+    /// Extra CA certificates (PEM) trusted for the token endpoint, on top of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Additional form parameters sent with every token request.
+    #[serde(default)]
+    pub extra_params: BTreeMap<String, String>,
+}
+
+/// `[[route]]`: one upstream and the token it gets.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// A dedicated listener: everything arriving on it goes to this route.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Matched against the Host header (or an absolute-form request URI) on the main listener.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Matched against the request path on the main listener; the longest match wins.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    pub upstream: String,
+    /// Remove `path_prefix` from the path before forwarding.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Required to be true for a plain `http://` upstream (the token would travel in clear text).
+    #[serde(default)]
+    pub allow_insecure_upstream: bool,
+    #[serde(default)]
+    pub scope: Vec<String>,
+    #[serde(default)]
+    pub audience: Vec<String>,
+    #[serde(default = "defaults::route::connect_timeout", with = "duration_str")]
+    pub connect_timeout: Duration,
+    /// Until the upstream's response headers arrive.
+    #[serde(default = "defaults::route::timeout", with = "duration_str")]
+    pub timeout: Duration,
+    /// Extra CA certificates (PEM) trusted for this upstream, on top of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Treat any 401 from the upstream as a rejected token (evict, replay once), not only a
+    /// `WWW-Authenticate: Bearer error="invalid_token"` challenge.
+    #[serde(default)]
+    pub retry_on_401: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[log]`. The level comes from `RUST_LOG` (default `info`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// One `info` event per request (target `token_sidecar::access`).
+    pub access_log: bool,
+}
+
+/// Durations are written as strings like `"60s"`, `"5m"`, `"250ms"`.
+pub(crate) mod duration_str {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(text.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write it like \"10s\", \"5m\" or \"250ms\""
+            ))
+        })
+    }
+}
+
+impl Config {
+    /// The effective configuration as TOML, secrets redacted (for `check-config`).
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+impl Serialize for Secret<String> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret<String> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
+    }
+}
+
+/// A valid config that sets one non-default value per section it names, for the tests here and
+/// in the submodules.
+#[cfg(test)]
+const MINIMAL: &str = r#"
+[token]
+token_url = "https://idp.example.com/oauth2/token"
+client_id = "svc"
+auth_method = "client_secret_post"
+client_secret = "hunter2"
+
+[[route]]
+name = "orders"
+path_prefix = "/orders/"
+upstream = "https://orders.example.com"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_output_hides_the_secret() {
+        let c = from_toml_str(MINIMAL).unwrap();
+        let out = c.to_redacted_toml();
+        assert!(!out.contains("hunter2"), "{out}");
+        assert!(out.contains("[redacted]"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

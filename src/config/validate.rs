@@ -1,0 +1,373 @@
+//! [`Config::validate`]: every rule serde cannot express (URL schemes, ranges, cross-field
+//! rules, readable files).
+//!
+//! Invariants: validation never stops at the first problem; it walks the whole config and
+//! reports each problem under the key that holds it (`route[1].upstream`, not "route orders"),
+//! so an operator fixes a broken file in one round trip. It reads files (keys, CAs) but changes
+//! nothing.
+
+use std::path::Path;
+
+use url::Url;
+
+use super::{AuthMethod, Config, ConfigError, Problem};
+
+/// Collects problems as validation walks the config.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+impl Config {
+    /// Checks every rule serde cannot express; returns all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Problems::default();
+        self.validate_proxy(&mut p);
+        self.validate_token(&mut p);
+        self.validate_routes(&mut p);
+        if p.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems: p.0 })
+        }
+    }
+
+    fn validate_proxy(&self, p: &mut Problems) {
+        let px = &self.proxy;
+        if px.max_connections == 0 {
+            p.add("proxy.max_connections", "must be at least 1");
+        }
+        if px.max_header_bytes < 8192 {
+            p.add("proxy.max_header_bytes", "must be at least 8192");
+        }
+        if px.max_headers == 0 {
+            p.add("proxy.max_headers", "must be at least 1");
+        }
+        if px.header_read_timeout.is_zero() {
+            p.add("proxy.header_read_timeout", "must be greater than zero");
+        }
+        if px.idle_timeout.is_zero() {
+            p.add("proxy.idle_timeout", "must be greater than zero");
+        }
+        if self.admin.listen == px.listen && px.listen.port() != 0 {
+            p.add("admin.listen", "must differ from proxy.listen");
+        }
+    }
+
+    fn validate_token(&self, p: &mut Problems) {
+        let t = &self.token;
+        match Url::parse(&t.token_url) {
+            Err(e) => p.add("token.token_url", format!("not a valid URL: {e}")),
+            Ok(u) => match u.scheme() {
+                "https" => {}
+                "http" if t.allow_insecure_token_url => {}
+                "http" => p.add(
+                    "token.token_url",
+                    "plain http:// would send client credentials in clear text; use https:// or set token.allow_insecure_token_url = true",
+                ),
+                s => p.add(
+                    "token.token_url",
+                    format!("scheme {s:?} is not supported; use https://"),
+                ),
+            },
+        }
+        if t.client_id.trim().is_empty() {
+            p.add("token.client_id", "must not be empty");
+        }
+        match t.auth_method {
+            AuthMethod::PrivateKeyJwt => {
+                if t.private_key_file.is_none() {
+                    p.add(
+                        "token.private_key_file",
+                        "required when auth_method = \"private_key_jwt\"",
+                    );
+                }
+            }
+            AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost => {
+                match (&t.client_secret, &t.client_secret_file) {
+                    (None, None) => p.add(
+                        "token.client_secret_file",
+                        "client_secret_file or client_secret is required for client_secret_* auth methods",
+                    ),
+                    (Some(_), Some(_)) => p.add(
+                        "token.client_secret",
+                        "set either client_secret or client_secret_file, not both",
+                    ),
+                    (None, Some(f)) => check_readable(p, "token.client_secret_file", f),
+                    (Some(_), None) => {}
+                }
+            }
+        }
+        if let Some(f) = &t.private_key_file {
+            check_readable(p, "token.private_key_file", f);
+        }
+        if let Some(alg) = &t.signing_alg
+            && crate::key::parse_alg(alg).is_none()
+        {
+            p.add(
+                "token.signing_alg",
+                format!(
+                    "unsupported algorithm {alg:?}; one of {}",
+                    crate::key::supported_list()
+                ),
+            );
+        }
+        if let Some(aud) = &t.assertion_audience
+            && aud.trim().is_empty()
+        {
+            p.add("token.assertion_audience", "must not be empty when set");
+        }
+        if !(t.refresh_at > 0.0 && t.refresh_at < 1.0) {
+            p.add(
+                "token.refresh_at",
+                "must be a fraction between 0 and 1 (exclusive)",
+            );
+        }
+        for (key, d) in [
+            ("token.assertion_lifetime", t.assertion_lifetime),
+            ("token.default_token_ttl", t.default_token_ttl),
+            ("token.request_timeout", t.request_timeout),
+            ("token.retry_backoff_initial", t.retry_backoff_initial),
+            ("token.retry_backoff_max", t.retry_backoff_max),
+        ] {
+            if d.is_zero() {
+                p.add(key, "must be greater than zero");
+            }
+        }
+        if t.assertion_lifetime <= t.clock_skew_tolerance {
+            p.add(
+                "token.assertion_lifetime",
+                "must be longer than token.clock_skew_tolerance (a server running ahead would see the assertion expired)",
+            );
+        }
+        if t.retry_backoff_max < t.retry_backoff_initial {
+            p.add(
+                "token.retry_backoff_max",
+                "must not be less than token.retry_backoff_initial",
+            );
+        }
+        if t.max_attempts == 0 {
+            p.add("token.max_attempts", "must be at least 1");
+        }
+        if t.max_response_bytes < 1024 {
+            p.add("token.max_response_bytes", "must be at least 1024");
+        }
+        if let Some(f) = &t.ca_file {
+            check_ca_file(p, "token.ca_file", f);
+        }
+        for name in t.extra_params.keys() {
+            if RESERVED_PARAMS.contains(&name.as_str()) {
+                p.add(
+                    format!("token.extra_params.{name}"),
+                    "is set by the sidecar itself and cannot be overridden",
+                );
+            }
+        }
+    }
+
+    fn validate_routes(&self, p: &mut Problems) {
+        if self.route.is_empty() {
+            p.add("route", "at least one [[route]] is required");
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut listens = std::collections::HashSet::new();
+        let mut matchers = std::collections::HashSet::new();
+        for (i, r) in self.route.iter().enumerate() {
+            let k = |field: &str| format!("route[{i}].{field}");
+            if r.name.trim().is_empty() {
+                p.add(k("name"), "must not be empty");
+            } else if !names.insert(r.name.as_str()) {
+                p.add(k("name"), format!("duplicate route name {:?}", r.name));
+            }
+            if r.listen.is_none() && r.host.is_none() && r.path_prefix.is_none() {
+                p.add(
+                    k("listen"),
+                    "a route needs at least one of listen, host, path_prefix",
+                );
+            }
+            if let Some(addr) = r.listen {
+                if addr.port() == 0 {
+                    // Port 0 asks the kernel for a free port: never a clash.
+                } else if addr == self.proxy.listen || addr == self.admin.listen {
+                    p.add(
+                        k("listen"),
+                        "must differ from proxy.listen and admin.listen",
+                    );
+                } else if !listens.insert(addr) {
+                    p.add(k("listen"), format!("{addr} is used by another route"));
+                }
+            }
+            if let Some(h) = &r.host
+                && (h.is_empty() || h.contains('/') || h.contains(char::is_whitespace))
+            {
+                p.add(k("host"), "must be a host name (optionally with :port)");
+            }
+            if let Some(prefix) = &r.path_prefix
+                && !prefix.starts_with('/')
+            {
+                p.add(k("path_prefix"), "must start with '/'");
+            }
+            if r.strip_prefix && r.path_prefix.is_none() {
+                p.add(k("strip_prefix"), "needs path_prefix");
+            }
+            if r.listen.is_none() {
+                let key = (
+                    r.host.as_deref().map(str::to_ascii_lowercase),
+                    r.path_prefix.clone(),
+                );
+                if !matchers.insert(key) {
+                    p.add(
+                        k("path_prefix"),
+                        "another route on the main listener has the same host and path_prefix",
+                    );
+                }
+            }
+            match Url::parse(&r.upstream) {
+                Err(e) => p.add(k("upstream"), format!("not a valid URL: {e}")),
+                Ok(u) => {
+                    match u.scheme() {
+                        "https" => {}
+                        "http" if r.allow_insecure_upstream => {}
+                        "http" => p.add(
+                            k("upstream"),
+                            "plain http:// would send the bearer token in clear text; use https:// or set allow_insecure_upstream = true on this route",
+                        ),
+                        s => p.add(
+                            k("upstream"),
+                            format!("scheme {s:?} is not supported; use https://"),
+                        ),
+                    }
+                    if u.host_str().is_none_or(str::is_empty) {
+                        p.add(k("upstream"), "has no host");
+                    }
+                    if u.query().is_some() || u.fragment().is_some() {
+                        p.add(k("upstream"), "must not have a query or fragment");
+                    }
+                    if !u.username().is_empty() || u.password().is_some() {
+                        p.add(k("upstream"), "must not carry user info");
+                    }
+                }
+            }
+            for (j, s) in r.scope.iter().enumerate() {
+                if !is_scope_token(s) {
+                    p.add(
+                        format!("route[{i}].scope[{j}]"),
+                        "must be a non-empty scope without spaces, quotes or backslashes (RFC 6749 §3.3)",
+                    );
+                }
+            }
+            for (j, a) in r.audience.iter().enumerate() {
+                if a.is_empty() || a.contains(char::is_whitespace) {
+                    p.add(
+                        format!("route[{i}].audience[{j}]"),
+                        "must be non-empty and contain no whitespace",
+                    );
+                }
+            }
+            for (key, d) in [
+                ("connect_timeout", r.connect_timeout),
+                ("timeout", r.timeout),
+            ] {
+                if d.is_zero() {
+                    p.add(k(key), "must be greater than zero");
+                }
+            }
+            if let Some(f) = &r.ca_file {
+                check_ca_file(p, &k("ca_file"), f);
+            }
+        }
+    }
+}
+
+/// Form parameters the token client writes itself.
+const RESERVED_PARAMS: &[&str] = &[
+    "grant_type",
+    "client_id",
+    "client_secret",
+    "client_assertion",
+    "client_assertion_type",
+    "scope",
+    "audience",
+    "resource",
+];
+
+/// RFC 6749 §3.3: `scope-token = 1*( %x21 / %x23-5B / %x5D-7E )`.
+fn is_scope_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b))
+}
+
+fn check_readable(p: &mut Problems, key: &str, path: &Path) {
+    if let Err(e) = std::fs::metadata(path) {
+        p.add(key, format!("cannot read {}: {e}", path.display()));
+    }
+}
+
+fn check_ca_file(p: &mut Problems, key: &str, path: &Path) {
+    match crate::tls::load_certs(path) {
+        Ok(certs) if certs.is_empty() => {
+            p.add(key, format!("{} holds no PEM certificates", path.display()))
+        }
+        Ok(_) => {}
+        Err(e) => p.add(key, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::from_toml_str;
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = r#"
+[token]
+token_url = "http://idp.example.com/token"
+client_id = ""
+refresh_at = 1.5
+
+[[route]]
+name = "a"
+upstream = "http://orders.example.com"
+scope = ["has space"]
+
+[[route]]
+name = "a"
+path_prefix = "nope"
+upstream = "https://x.example.com"
+"#;
+        let err = from_toml_str(text).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "token.token_url",
+            "token.client_id",
+            "token.private_key_file",
+            "token.refresh_at",
+            "route[0].listen",
+            "route[0].upstream",
+            "route[0].scope[0]",
+            "route[1].name",
+            "route[1].path_prefix",
+        ] {
+            assert!(keys.contains(&want), "missing {want} in {keys:?}");
+        }
+        assert_eq!(err.to_string().lines().count(), err.problems.len());
+    }
+
+    #[test]
+    fn scope_tokens_follow_rfc6749() {
+        assert!(is_scope_token("orders:read"));
+        assert!(!is_scope_token(""));
+        assert!(!is_scope_token("a b"));
+        assert!(!is_scope_token("a\"b"));
+        assert!(!is_scope_token("a\\b"));
+    }
+}

@@ -1,0 +1,338 @@
+//! The request path, top to bottom (docs/spec.md §4–§5). Each downstream request goes through
+//! these phases, one function each, sharing one per-request context ([`Ctx`]):
+//!
+//! 1. [`Proxy::route`]: pick the route (dedicated port, else host and longest path prefix);
+//!    refuse `CONNECT` and paths with dot segments. Nothing is forwarded without a route.
+//! 2. [`token`]: take the route's cached token; wait for the refresher only when none is
+//!    usable. No token, no forwarding.
+//! 3. [`upstream_request`]: rewrite the URI onto the upstream, drop hop-by-hop headers, set
+//!    `Host` to the upstream's authority. [`prepare_body`] buffers a body of known size up to
+//!    `retry_body_limit` so the request can be replayed once; anything larger or of unknown size
+//!    streams through untouched.
+//! 4. [`send_with_replay`]: set `Authorization` and send it on the route's pooled client,
+//!    bounded by the route's `timeout` until response headers arrive. If the upstream answers
+//!    401 with a Bearer `invalid_token` challenge (any 401 with `retry_on_401`), the token is
+//!    evicted and a buffered request is replayed once with a fresh token; otherwise the 401 goes
+//!    back unchanged.
+//! 5. [`response`]: drop hop-by-hop headers and stream the upstream's answer back unchanged.
+//! 6. [`Proxy::log`]: the route's metrics and one access-log event.
+//!
+//! Any failure leaves through [`respond::error_response`], the one place errors become
+//! responses. The phase functions are public so the benchmarks measure exactly these.
+
+pub(crate) mod headers;
+#[cfg(test)]
+mod props;
+pub(crate) mod respond;
+pub(crate) mod routes;
+pub(crate) mod upstream;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, HOST};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+
+use self::headers::{is_invalid_token_challenge, strip_hop_by_hop};
+use self::respond::{ProxyError, TokenFailure, error_response};
+use self::routes::{Route, RouteTable, check_path};
+use self::upstream::UpstreamBody;
+use crate::metrics::RouteMetrics;
+use crate::token::cache::Lease;
+use crate::util::error_chain;
+
+/// What the proxy answers with: the upstream's streamed body, or a small body of its own.
+pub(crate) type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Which listener a request arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Main,
+    /// A route's own `listen` port; the index is into the route table.
+    Dedicated(usize),
+}
+
+/// The routes (each with its upstream pool and token slot); shared by every connection.
+#[derive(Debug)]
+pub struct Proxy {
+    pub(crate) table: RouteTable,
+    /// Bodies up to this size are kept for one replay after a 401.
+    pub(crate) retry_body_limit: usize,
+    /// Whether to emit one access-log event per request.
+    pub(crate) access_log: bool,
+    /// Metrics for requests that matched no route.
+    pub(crate) unmatched: RouteMetrics,
+}
+
+/// What the phases learn about one request, for the last phase to log.
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    started: Instant,
+    route: Option<&'a Route>,
+    /// Whether the token came straight from the cache; `None` before the token phase.
+    token_cached: Option<bool>,
+    replayed: bool,
+    /// Copies the access log needs after the request is handed on; `None` when it is off.
+    access: Option<AccessFields>,
+}
+
+/// What the access log needs from the request itself.
+#[derive(Debug)]
+struct AccessFields {
+    method: Method,
+    path: String,
+    host: Option<String>,
+}
+
+impl<'a> Ctx<'a> {
+    /// Starts the clock. The field copies are made only when the access log is on.
+    pub fn new<B>(req: &Request<B>, access_log: bool) -> Ctx<'a> {
+        Ctx {
+            started: Instant::now(),
+            route: None,
+            token_cached: None,
+            replayed: false,
+            access: access_log.then(|| AccessFields {
+                method: req.method().clone(),
+                path: req.uri().path().to_owned(),
+                host: request_host(req).map(str::to_owned),
+            }),
+        }
+    }
+}
+
+/// The host a request names: an absolute-form target (HTTP_PROXY clients) or HTTP/2
+/// `:authority` first, else the Host header.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => req.headers().get(HOST).and_then(|h| h.to_str().ok()),
+    }
+}
+
+impl Proxy {
+    /// Serves one downstream request. Never fails: errors become docs/spec.md §5 responses.
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        listener: Listener,
+        req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let mut ctx = Ctx::new(&req, self.access_log);
+        let resp = match self.serve(listener, req, &mut ctx).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                if let Some(route) = ctx.route {
+                    if matches!(e, ProxyError::UpstreamUnavailable(_)) {
+                        route.metrics.upstream_error();
+                    }
+                    tracing::warn!(route = %route.name, error = %e, "request failed");
+                }
+                error_response::<Full<Bytes>>(&e, ctx.route.map(|r| &*r.name)).map(Either::Right)
+            }
+        };
+        self.log(&ctx, resp.status());
+        resp
+    }
+
+    /// Phases 1–5 in order; the first failure ends the request.
+    async fn serve<'a>(
+        &'a self,
+        listener: Listener,
+        req: Request<Incoming>,
+        ctx: &mut Ctx<'a>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let route = self.route(listener, &req, ctx)?;
+        let lease = token(route, ctx).await?;
+        let (mut parts, body) = req.into_parts();
+        upstream_request(route, &mut parts)?;
+        let (body, kept) = prepare_body(body, self.retry_body_limit).await?;
+        let resp = send_with_replay(route, parts, body, kept, lease, ctx).await?;
+        Ok(response(resp))
+    }
+
+    /// Phase 1: the route for a request, or why there is none.
+    pub fn route<'a, B>(
+        &'a self,
+        listener: Listener,
+        req: &Request<B>,
+        ctx: &mut Ctx<'a>,
+    ) -> Result<&'a Route, ProxyError> {
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed("CONNECT".into()));
+        }
+        check_path(req.uri().path()).map_err(ProxyError::BadRequest)?;
+        let route = match listener {
+            Listener::Dedicated(i) => &self.table.routes[i],
+            Listener::Main => self
+                .table
+                .match_main(request_host(req), req.uri().path())
+                .map(|i| &self.table.routes[i])
+                .ok_or(ProxyError::NoRoute)?,
+        };
+        ctx.route = Some(route);
+        Ok(route)
+    }
+
+    /// Phase 6: the route's (or the unmatched) metrics, and one access-log event when enabled.
+    pub fn log(&self, ctx: &Ctx<'_>, status: StatusCode) {
+        let took = ctx.started.elapsed();
+        let status = status.as_u16();
+        ctx.route
+            .map_or(&self.unmatched, |r| &r.metrics)
+            .request(status, took);
+        if let Some(f) = &ctx.access {
+            tracing::info!(
+                target: "token_sidecar::access",
+                method = %f.method,
+                route = ctx.route.map_or("-", |r| &*r.name),
+                host = f.host.as_deref().unwrap_or("-"),
+                path = %f.path,
+                status,
+                duration_ms = took.as_secs_f64() * 1000.0,
+                token = match ctx.token_cached {
+                    Some(true) => "cached",
+                    Some(false) => "fetched",
+                    None => "-",
+                },
+                replayed = ctx.replayed,
+                "request"
+            );
+        }
+    }
+}
+
+/// Phase 2: the route's token, straight from the cache when one is usable.
+pub async fn token(route: &Route, ctx: &mut Ctx<'_>) -> Result<Lease, ProxyError> {
+    let lease = route.slot.token().await.map_err(token_failure)?;
+    ctx.token_cached = Some(lease.cached);
+    Ok(lease)
+}
+
+fn token_failure(e: crate::token::cache::TokenError) -> ProxyError {
+    ProxyError::Token(TokenFailure(e))
+}
+
+/// Phase 3: turns the downstream request head into the upstream's: URI onto the upstream's base
+/// path, HTTP/1.1 (the pooled client speaks HTTP/2 to the upstream when ALPN says so, whatever
+/// the downstream used), hop-by-hop headers dropped, `Host` set to the upstream's authority.
+pub fn upstream_request(route: &Route, parts: &mut Parts) -> Result<(), ProxyError> {
+    parts.uri = route
+        .upstream_uri(parts.uri.path(), parts.uri.query())
+        .map_err(|_| {
+            ProxyError::BadRequest("the request target cannot be mapped onto the upstream")
+        })?;
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(HOST, route.upstream_host.clone());
+    Ok(())
+}
+
+/// Phase 3, the body: a body of known size up to `limit` is read into memory and also returned
+/// for a replay; anything else streams.
+pub(crate) async fn prepare_body(
+    body: Incoming,
+    limit: usize,
+) -> Result<(UpstreamBody, Option<Bytes>), ProxyError> {
+    match body.size_hint().exact() {
+        Some(0) => Ok((Either::Right(Full::new(Bytes::new())), Some(Bytes::new()))),
+        Some(n) if n <= limit as u64 => {
+            let bytes = Limited::new(body, limit)
+                .collect()
+                .await
+                .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?
+                .to_bytes();
+            Ok((Either::Right(Full::new(bytes.clone())), Some(bytes)))
+        }
+        _ => Ok((Either::Left(body), None)),
+    }
+}
+
+/// Phase 4: sends the request with the lease's token; on a rejected-token 401 evicts the token
+/// and, when the body was kept (`kept`), replays once with a fresh one.
+pub(crate) async fn send_with_replay(
+    route: &Route,
+    parts: Parts,
+    body: UpstreamBody,
+    kept: Option<Bytes>,
+    lease: Lease,
+    ctx: &mut Ctx<'_>,
+) -> Result<Response<Incoming>, ProxyError> {
+    // Only a request that can be replayed needs its head kept.
+    let replay = kept.map(|bytes| (clone_parts(&parts), bytes));
+    let resp = send(route, parts, body, &lease).await?;
+    let rejected = resp.status() == StatusCode::UNAUTHORIZED
+        && (route.retry_on_401 || is_invalid_token_challenge(resp.headers()));
+    if !rejected {
+        return Ok(resp);
+    }
+    route.slot.evict(&lease.token);
+    let Some((parts, bytes)) = replay else {
+        return Ok(resp);
+    };
+    tracing::info!(route = %route.name, "upstream rejected the token; replaying once with a fresh one");
+    drop(resp);
+    let fresh = route.slot.token().await.map_err(token_failure)?;
+    ctx.replayed = true;
+    send(route, parts, Either::Right(Full::new(bytes)), &fresh).await
+}
+
+/// One exchange with the upstream, bounded by the route's timeout.
+async fn send(
+    route: &Route,
+    mut parts: Parts,
+    body: UpstreamBody,
+    lease: &Lease,
+) -> Result<Response<Incoming>, ProxyError> {
+    authorize(&mut parts, lease);
+    let upstream = &route.upstream;
+    let req = Request::from_parts(parts, body);
+    match tokio::time::timeout(upstream.timeout, upstream.client.request(req)).await {
+        Err(_) => Err(ProxyError::UpstreamTimeout(upstream.timeout)),
+        Ok(Err(e)) if downstream_body_failed(&e) => Err(ProxyError::BadRequest(
+            "the request body could not be read (malformed or cut off)",
+        )),
+        Ok(Err(e)) => Err(ProxyError::UpstreamUnavailable(error_chain(&e))),
+        Ok(Ok(resp)) => Ok(resp),
+    }
+}
+
+/// Replaces whatever `Authorization` the application sent with the lease's token.
+pub fn authorize(parts: &mut Parts, lease: &Lease) {
+    parts
+        .headers
+        .insert(AUTHORIZATION, lease.token.token.authorization().clone());
+}
+
+/// Phase 5: the upstream's answer without its hop-by-hop headers, body streamed.
+pub(crate) fn response(mut resp: Response<Incoming>) -> Response<ProxyBody> {
+    strip_hop_by_hop(resp.headers_mut());
+    resp.map(Either::Left)
+}
+
+/// Whether forwarding failed because the application's request body broke (a malformed chunk,
+/// a connection cut mid-body) rather than because of the upstream: hyper reports an error of
+/// the body it was sending as a "user" error.
+fn downstream_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return h.is_user();
+        }
+        current = err.source();
+    }
+    false
+}
+
+fn clone_parts(p: &Parts) -> Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = p.method.clone();
+    *req.uri_mut() = p.uri.clone();
+    *req.version_mut() = p.version;
+    *req.headers_mut() = p.headers.clone();
+    req.into_parts().0
+}

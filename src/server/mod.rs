@@ -1,0 +1,197 @@
+//! Listeners and their lifecycle: bind everything, serve until told to stop, then drain.
+//!
+//! [`Sidecar::bind`] builds the token client, then the token cache from the routes' keys (which
+//! prefetches every token at once), then the routes, each owning its upstream pool and its
+//! cache slot, and binds all listeners, so a caller knows the real addresses before anything is
+//! served (tests bind port 0). [`Sidecar::run`] accepts connections until the shutdown future
+//! resolves, then stops accepting, lets in-flight requests finish for up to `shutdown_grace`,
+//! and returns.
+
+pub(crate) mod accept;
+pub(crate) mod admin;
+pub(crate) mod conn;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use self::accept::{Connections, accept_loop};
+use self::admin::Admin;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::routes::{Route, RouteError, RouteTable};
+use crate::proxy::{Listener, Proxy};
+use crate::token::TokenKey;
+use crate::token::cache::{CacheBuilder, Policy, TokenCache};
+use crate::token::client::{ClientBuildError, TokenClient};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Client(#[from] ClientBuildError),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error("cannot listen on {addr} for {what}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A sidecar with its listeners bound and its token cache warming up.
+pub struct Sidecar {
+    config: Config,
+    proxy: Arc<Proxy>,
+    cache: Arc<TokenCache>,
+    metrics: Arc<Metrics>,
+    main: TcpListener,
+    dedicated: Vec<(usize, TcpListener)>,
+    admin: TcpListener,
+}
+
+impl std::fmt::Debug for Sidecar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sidecar")
+            .field("proxy", &self.main.local_addr().ok())
+            .field("admin", &self.admin.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+async fn bind(addr: SocketAddr, what: impl Into<String>) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr,
+            what: what.into(),
+            source,
+        })
+}
+
+impl Sidecar {
+    /// Builds everything from a validated config. Must run inside a Tokio runtime.
+    pub async fn bind(config: Config) -> Result<Sidecar, StartError> {
+        let client = Arc::new(TokenClient::new(&config.token)?);
+        // The cache first, from the routes' keys; then the routes, each with its slot in hand.
+        let mut slots = CacheBuilder::new(Policy::from_config(&config.token));
+        let route_slots: Vec<_> = config
+            .route
+            .iter()
+            .map(|r| slots.slot(TokenKey::new(&r.scope, &r.audience)))
+            .collect();
+        let cache = Arc::new(slots.start(client));
+        let metrics = Arc::new(Metrics::new(&cache));
+        let routes = config
+            .route
+            .iter()
+            .zip(route_slots)
+            .map(|(r, slot)| {
+                let m = metrics.route(&r.name, Some(&slot));
+                Route::from_config(r, slot, m)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let main = bind(config.proxy.listen, "proxy.listen").await?;
+        let admin = bind(config.admin.listen, "admin.listen").await?;
+        let mut dedicated = Vec::new();
+        for (i, r) in config.route.iter().enumerate() {
+            if let Some(addr) = r.listen {
+                dedicated.push((i, bind(addr, format!("route {}", r.name)).await?));
+            }
+        }
+        let proxy = Arc::new(Proxy {
+            table: RouteTable::new(routes),
+            retry_body_limit: config.proxy.retry_body_limit,
+            access_log: config.log.access_log,
+            unmatched: metrics.route("-", None),
+        });
+        Ok(Sidecar {
+            config,
+            proxy,
+            cache,
+            metrics,
+            main,
+            dedicated,
+            admin,
+        })
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.main
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// The request path, for benchmarks that call its phases directly.
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.proxy.clone()
+    }
+
+    /// The token cache, for tests that count fetches and look at slots.
+    pub fn cache(&self) -> Arc<TokenCache> {
+        self.cache.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains for up to `shutdown_grace`.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let limits = &self.config.proxy;
+        let main_addr = self.proxy_addr();
+        let conns = Connections::new(limits);
+        let mut loops = Vec::new();
+        let mut serve_proxy = |listener, which| {
+            let proxy = self.proxy.clone();
+            let handler = move |req| proxy.clone().handle(which, req);
+            loops.push(tokio::spawn(accept_loop(
+                listener,
+                handler,
+                limits.max_connections,
+                conns.clone(),
+            )));
+        };
+        serve_proxy(self.main, Listener::Main);
+        for (i, listener) in self.dedicated {
+            serve_proxy(listener, Listener::Dedicated(i));
+        }
+        let admin = Arc::new(Admin::new(self.proxy.clone(), self.metrics.clone()));
+        loops.push(tokio::spawn(accept_loop(
+            self.admin,
+            move |req| {
+                let admin = admin.clone();
+                async move { admin.handle(req).await }
+            },
+            // Probes and scrapes need few connections.
+            64,
+            conns.clone(),
+        )));
+        tracing::info!(proxy = %main_addr, routes = self.config.route.len(), "token-sidecar serving");
+
+        shutdown.await;
+        tracing::info!(grace = ?limits.shutdown_grace, "shutting down: no new connections, draining in-flight requests");
+        conns.stop.cancel();
+        for l in loops {
+            let _ = l.await;
+        }
+        conns.tasks.close();
+        tokio::select! {
+            _ = conns.tasks.wait() => tracing::info!("all connections drained"),
+            _ = tokio::time::sleep(limits.shutdown_grace) => {
+                tracing::warn!("shutdown grace period over; cutting the remaining connections");
+                conns.cut.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(1), conns.tasks.wait()).await;
+            }
+        }
+        // Dropping the cache stops the refreshers.
+        drop(self.cache);
+    }
+}
