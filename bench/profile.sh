@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU profile of the sidecar under the bench/run.sh load (issue 6; see docs/benchmarks.md).
+# CPU profile of the sidecar under the bench/run.sh load (see docs/benchmarks.md).
 #
 # Builds a release binary that keeps its symbols (the release profile strips them) into
 # target/bench-profile, starts the same upstream and `token-sidecar dev` as bench/run.sh, drives

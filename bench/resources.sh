@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Resource and behaviour measurements of the release binary (issue 6; see docs/benchmarks.md):
+# Resource and behaviour measurements of the release binary (see docs/benchmarks.md):
 #
 #   1. release binary size;
 #   2. exec → accepting connections, and exec → /readyz 200 (first token), over STARTUP_TRIALS;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Loopback throughput and latency, side by side (issue 6; see docs/benchmarks.md):
+# Loopback throughput and latency, side by side (see docs/benchmarks.md):
 #
 #   direct   wrk → upstream
 #   nginx    wrk → nginx (proxy_set_header Authorization "Bearer <~800-byte JWT>", upstream

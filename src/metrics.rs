@@ -19,7 +19,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::time::Instant;
 
-use crate::token::cache::{Slot, TokenCache};
+use crate::token::cache::Slot;
 use crate::token::client::FetchOutcome;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,8 +90,9 @@ fn request_histogram() -> Histogram {
 }
 
 impl Metrics {
-    /// The registry, reading the token side from `cache` at scrape time.
-    pub(crate) fn new(cache: &TokenCache) -> Metrics {
+    /// The registry; `fetch_duration` is the token cache's histogram. The slots are read at
+    /// scrape time, as [`Metrics::route`] names them.
+    pub(crate) fn new(fetch_duration: &Histogram) -> Metrics {
         let mut registry = Registry::with_prefix("token_sidecar");
         let requests = Family::<RouteClass, Counter>::default();
         registry.register(
@@ -119,12 +120,9 @@ impl Metrics {
             "token_fetch_duration",
             "Duration of token fetches, retries included",
             Unit::Seconds,
-            cache.fetch_duration().clone(),
+            fetch_duration.clone(),
         );
-        let state = Arc::new(StateCollector {
-            slots: cache.slots().to_vec(),
-            routes: Mutex::new(Vec::new()),
-        });
+        let state = Arc::new(StateCollector::default());
         registry.register_collector(Box::new(state.clone()));
         Metrics {
             registry,
@@ -173,16 +171,22 @@ impl Metrics {
 }
 
 /// Reads state at scrape time: fetch and cache counters of every slot, per-route token expiry.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct StateCollector {
-    slots: Vec<Arc<Slot>>,
     /// Each route and the slot it takes its token from (routes with equal sets share one).
     routes: Mutex<Vec<(String, Arc<Slot>)>>,
 }
 
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let slots = &self.slots;
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        // Routes with equal sets share a slot; count each slot once.
+        let mut slots: Vec<&Arc<Slot>> = Vec::new();
+        for (_, s) in routes.iter() {
+            if !slots.iter().any(|x| Arc::ptr_eq(x, s)) {
+                slots.push(s);
+            }
+        }
         let mut me = encoder.encode_descriptor(
             "token_fetches",
             "Token requests to the authorization server, by outcome (ok, rejected, unavailable, invalid)",
@@ -219,7 +223,6 @@ impl Collector for StateCollector {
             c.encode(me)?;
         }
 
-        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let mut me = encoder.encode_descriptor(
             "token_expiry",

@@ -100,7 +100,8 @@ impl<'a> Ctx<'a> {
             access: access_log.then(|| AccessFields {
                 method: req.method().clone(),
                 path: req.uri().path().to_owned(),
-                host: request_host(req).map(str::to_owned),
+                // Filled in by phase 1, which reads the host anyway.
+                host: None,
             }),
         }
     }
@@ -162,6 +163,10 @@ impl Proxy {
         req: &Request<B>,
         ctx: &mut Ctx<'a>,
     ) -> Result<&'a Route, ProxyError> {
+        let host = request_host(req);
+        if let Some(access) = &mut ctx.access {
+            access.host = host.map(str::to_owned);
+        }
         if req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed("CONNECT".into()));
         }
@@ -170,7 +175,7 @@ impl Proxy {
             Listener::Dedicated(i) => &self.table.routes[i],
             Listener::Main => self
                 .table
-                .match_main(request_host(req), req.uri().path())
+                .match_main(host, req.uri().path())
                 .map(|i| &self.table.routes[i])
                 .ok_or(ProxyError::NoRoute)?,
         };

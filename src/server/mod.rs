@@ -1,8 +1,8 @@
 //! Listeners and their lifecycle: bind everything, serve until told to stop, then drain.
 //!
-//! [`Sidecar::bind`] builds the token client, then the token cache from the routes' keys (which
-//! prefetches every token at once), then the routes, each owning its upstream pool and its
-//! cache slot, and binds all listeners, so a caller knows the real addresses before anything is
+//! [`Sidecar::bind`] builds the token client and the routes, each owning its upstream pool and
+//! its cache slot (one per distinct key), then starts the token cache (which prefetches every
+//! token at once) and binds all listeners, so a caller knows the real addresses before anything is
 //! served (tests bind port 0). [`Sidecar::run`] accepts connections until the shutdown future
 //! resolves, then stops accepting, lets in-flight requests finish for up to `shutdown_grace`,
 //! and returns.
@@ -77,24 +77,20 @@ impl Sidecar {
     /// Builds everything from a validated config. Must run inside a Tokio runtime.
     pub async fn bind(config: Config) -> Result<Sidecar, StartError> {
         let client = Arc::new(TokenClient::new(&config.token)?);
-        // The cache first, from the routes' keys; then the routes, each with its slot in hand.
+        // Each route takes its slot (shared by equal sets) and its metrics as it is built; the
+        // refreshers start once every route has its slot.
         let mut slots = CacheBuilder::new(Policy::from_config(&config.token));
-        let route_slots: Vec<_> = config
-            .route
-            .iter()
-            .map(|r| slots.slot(TokenKey::new(&r.scope, &r.audience)))
-            .collect();
-        let cache = Arc::new(slots.start(client));
-        let metrics = Arc::new(Metrics::new(&cache));
+        let metrics = Arc::new(Metrics::new(slots.fetch_duration()));
         let routes = config
             .route
             .iter()
-            .zip(route_slots)
-            .map(|(r, slot)| {
+            .map(|r| {
+                let slot = slots.slot(TokenKey::new(&r.scope, &r.audience));
                 let m = metrics.route(&r.name, Some(&slot));
                 Route::from_config(r, slot, m)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let cache = Arc::new(slots.start(client));
 
         let main = bind(config.proxy.listen, "proxy.listen").await?;
         let admin = bind(config.admin.listen, "admin.listen").await?;

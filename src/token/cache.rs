@@ -53,6 +53,25 @@ impl Policy {
     }
 }
 
+#[cfg(test)]
+impl Policy {
+    /// A policy with the given schedule inputs and the default backoff and wait bounds.
+    pub(crate) fn with_schedule(
+        refresh_at: f64,
+        refresh_before_expiry: Duration,
+        expiry_skew: Duration,
+    ) -> Policy {
+        Policy {
+            refresh_at,
+            refresh_before_expiry,
+            expiry_skew,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(1),
+            wait_timeout: Duration::from_secs(11),
+        }
+    }
+}
+
 /// Offsets from the moment the token request was sent (conservative: the server started the
 /// lifetime no earlier than that).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -399,6 +418,8 @@ impl Slot {
 pub(crate) struct CacheBuilder {
     policy: Policy,
     slots: Vec<Arc<Slot>>,
+    /// Duration of every fetch, retries included (exported by the metrics).
+    fetch_duration: Histogram,
 }
 
 impl CacheBuilder {
@@ -406,7 +427,13 @@ impl CacheBuilder {
         CacheBuilder {
             policy,
             slots: Vec::new(),
+            // 5 ms … ~10 s.
+            fetch_duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
         }
+    }
+
+    pub(crate) fn fetch_duration(&self) -> &Histogram {
+        &self.fetch_duration
     }
 
     /// The slot for `key`, shared with every other route asking for the same sets.
@@ -422,8 +449,7 @@ impl CacheBuilder {
     /// Starts one refresher per slot, each prefetching right away. Must be called inside a
     /// Tokio runtime.
     pub(crate) fn start(self, client: Arc<TokenClient>) -> TokenCache {
-        // 5 ms … ~10 s.
-        let fetch_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        let fetch_duration = self.fetch_duration;
         let tasks = self
             .slots
             .iter()
@@ -437,7 +463,6 @@ impl CacheBuilder {
         TokenCache {
             slots: self.slots,
             tasks,
-            fetch_duration,
         }
     }
 }
@@ -446,8 +471,6 @@ impl CacheBuilder {
 pub struct TokenCache {
     slots: Vec<Arc<Slot>>,
     tasks: Vec<JoinHandle<()>>,
-    /// Duration of every fetch, retries included.
-    fetch_duration: Histogram,
 }
 
 impl std::fmt::Debug for TokenCache {
@@ -468,10 +491,6 @@ impl TokenCache {
     pub fn fetches(&self) -> u64 {
         self.slots.iter().map(|s| s.stats.fetches_total()).sum()
     }
-
-    pub(crate) fn fetch_duration(&self) -> &Histogram {
-        &self.fetch_duration
-    }
 }
 
 impl Drop for TokenCache {
@@ -487,14 +506,7 @@ mod tests {
     use super::*;
 
     fn policy() -> Policy {
-        Policy {
-            refresh_at: 0.8,
-            refresh_before_expiry: Duration::from_secs(60),
-            expiry_skew: Duration::from_secs(10),
-            backoff_initial: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(1),
-            wait_timeout: Duration::from_secs(11),
-        }
+        Policy::with_schedule(0.8, Duration::from_secs(60), Duration::from_secs(10))
     }
 
     const S: fn(u64) -> Duration = Duration::from_secs;

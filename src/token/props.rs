@@ -497,14 +497,7 @@ proptest! {
         refresh_before_expiry in duration(),
         expiry_skew in duration(),
     ) {
-        let policy = Policy {
-            refresh_at,
-            refresh_before_expiry,
-            expiry_skew,
-            backoff_initial: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(1),
-            wait_timeout: Duration::from_secs(11),
-        };
+        let policy = Policy::with_schedule(refresh_at, refresh_before_expiry, expiry_skew);
         let s = schedule(lifetime, &policy);
         prop_assert!(s.usable_for <= lifetime);
         prop_assert!(s.refresh_due <= s.usable_for, "{:?}", s);
@@ -528,14 +521,7 @@ proptest! {
         refresh_before_expiry in duration(),
         expiry_skew in duration(),
     ) {
-        let policy = Policy {
-            refresh_at,
-            refresh_before_expiry,
-            expiry_skew,
-            backoff_initial: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(1),
-            wait_timeout: Duration::from_secs(11),
-        };
+        let policy = Policy::with_schedule(refresh_at, refresh_before_expiry, expiry_skew);
         let s = schedule(lifetime, &policy);
         prop_assert!(s.refresh_due <= s.usable_for && s.usable_for <= lifetime);
     }
@@ -546,14 +532,7 @@ proptest! {
 /// so this is reachable only through a hand-built `Policy`.
 #[test]
 fn refresh_schedule_survives_a_nan_fraction() {
-    let policy = Policy {
-        refresh_at: f64::NAN,
-        refresh_before_expiry: Duration::from_secs(60),
-        expiry_skew: Duration::from_secs(10),
-        backoff_initial: Duration::from_millis(200),
-        backoff_max: Duration::from_secs(1),
-        wait_timeout: Duration::from_secs(11),
-    };
+    let policy = Policy::with_schedule(f64::NAN, Duration::from_secs(60), Duration::from_secs(10));
     let lifetime = Duration::from_secs(3600);
     let s = schedule(lifetime, &policy);
     assert!(s.refresh_due >= lifetime / 4 && s.refresh_due <= s.usable_for);

@@ -11,10 +11,9 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use token_sidecar::ECHO_SCOPE;
-use tokio::time::Instant;
 
 use crate::support::http_client;
-use crate::support::process::free_port;
+use crate::support::process::{free_port, wait_ready};
 
 /// The repository's own example config, as a newcomer would pass it.
 const SHIPPED_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/sidecar.toml");
@@ -61,8 +60,7 @@ impl DevChild {
 
     /// Everything written so far, stdout then stderr.
     fn output(&self) -> String {
-        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-        format!("{}{}", read(&self.stdout), read(&self.stderr))
+        output_of(&self.stdout, &self.stderr)
     }
 
     fn stderr(&self) -> String {
@@ -72,27 +70,11 @@ impl DevChild {
     /// Polls `http://admin/readyz` until 200; `Err(output)` if the process exits or `within`
     /// passes.
     async fn wait_ready(&mut self, admin: SocketAddr, within: Duration) -> Result<(), String> {
-        let client = http_client();
-        let url = format!("http://{admin}/readyz");
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("exited with {status}\n{}", self.output()));
-            }
-            if let Ok(Ok(r)) =
-                tokio::time::timeout(Duration::from_secs(2), client.get(&url).send()).await
-                && r.status() == 200
-            {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "/readyz on {admin} not 200 within {within:?}\n{}",
-                    self.output()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (stdout, stderr) = (self.stdout.clone(), self.stderr.clone());
+        wait_ready(&mut self.child, admin, within, || {
+            output_of(&stdout, &stderr)
+        })
+        .await
     }
 
     async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
@@ -101,6 +83,12 @@ impl DevChild {
             .ok()
             .map(|s| s.expect("wait on the child"))
     }
+}
+
+/// What a child wrote to its two files, stdout then stderr.
+fn output_of(stdout: &Path, stderr: &Path) -> String {
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    format!("{}{}", read(stdout), read(stderr))
 }
 
 fn loopback(port: u16) -> SocketAddr {

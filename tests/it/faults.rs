@@ -7,24 +7,9 @@ use tokio::time::Instant;
 
 use crate::support::faults::{FakeTokenEndpoint, Mode};
 use crate::support::upstream::Upstream;
-use token_sidecar::{AudienceParam, TokenConfig};
+use token_sidecar::AudienceParam;
 
-use crate::support::{RouteBuilder, Running, SidecarConfig, fixture, http_client};
-
-/// One route `/orders/` to `up`, with `token` applied to `[token]`.
-fn sidecar_config(
-    token_url: &str,
-    up: &Upstream,
-    token: impl FnOnce(&mut TokenConfig),
-) -> SidecarConfig {
-    SidecarConfig::new(token_url, fixture("ec_p256_sec1.pem"))
-        .token(token)
-        .route(
-            RouteBuilder::path("orders", "/orders/", &up.url())
-                .scope(&["orders:read"])
-                .audience(&["https://orders.example.com"]),
-        )
-}
+use crate::support::{RouteBuilder, Running, SidecarConfig, fixture, http_client, orders_config};
 
 #[tokio::test]
 async fn a_cached_token_outlives_500s_hangs_and_garbage() {
@@ -32,7 +17,7 @@ async fn a_cached_token_outlives_500s_hangs_and_garbage() {
     let up = Upstream::start().await;
     // 10 s tokens refreshed from 2 s on, usable until 9 s: the failures below all happen while
     // the first token is still usable.
-    let sc = Running::start(sidecar_config(&idp.token_url(), &up, |t| {
+    let sc = Running::start(orders_config(&idp.token_url(), &up.url(), |t| {
         t.refresh_at = 0.2;
         t.expiry_skew = Duration::from_secs(1);
         t.request_timeout = Duration::from_secs(1);
@@ -108,7 +93,7 @@ async fn a_cached_token_outlives_500s_hangs_and_garbage() {
 async fn a_hanging_endpoint_with_no_token_gives_503_within_the_timeout() {
     let idp = FakeTokenEndpoint::start(Mode::Hang).await;
     let up = Upstream::start().await;
-    let sc = Running::start(sidecar_config(&idp.token_url(), &up, |t| {
+    let sc = Running::start(orders_config(&idp.token_url(), &up.url(), |t| {
         t.request_timeout = Duration::from_secs(1);
     }))
     .await;
@@ -128,9 +113,9 @@ async fn an_unreachable_endpoint_gives_503_and_is_not_hammered() {
     // A port with nothing listening: connection refused.
     let port = crate::support::process::free_port();
     let up = Upstream::start().await;
-    let sc = Running::start(sidecar_config(
+    let sc = Running::start(orders_config(
         &format!("http://127.0.0.1:{port}/oauth2/token"),
-        &up,
+        &up.url(),
         |t| t.retry_backoff_max = Duration::from_secs(1),
     ))
     .await;
@@ -157,7 +142,7 @@ async fn an_unreachable_endpoint_gives_503_and_is_not_hammered() {
 async fn a_rejection_is_502_token_rejected_with_the_server_code() {
     let idp = FakeTokenEndpoint::start(Mode::Reject("unauthorized_client")).await;
     let up = Upstream::start().await;
-    let sc = Running::start(sidecar_config(&idp.token_url(), &up, |_| {})).await;
+    let sc = Running::start(orders_config(&idp.token_url(), &up.url(), |_| {})).await;
     let resp = http_client().get(sc.url("/orders/x")).send().await.unwrap();
     assert_eq!(resp.status(), 502);
     assert_eq!(resp.headers()["token-sidecar-error"], "token_rejected");
@@ -246,7 +231,7 @@ async fn the_token_request_carries_the_spec_parameters() {
 async fn jti_known_is_retried_with_a_fresh_assertion() {
     let idp = FakeTokenEndpoint::start(Mode::Reject("jti_known")).await;
     let up = Upstream::start().await;
-    let sc = Running::start(sidecar_config(&idp.token_url(), &up, |t| {
+    let sc = Running::start(orders_config(&idp.token_url(), &up.url(), |t| {
         t.max_attempts = 3;
         t.retry_backoff_max = Duration::from_secs(10);
     }))

@@ -7,26 +7,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::support::faults::{FakeTokenEndpoint, Mode};
-use crate::support::idp::{Idp, Kind, ORDERS};
+use crate::support::idp::{Idp, Kind};
 use crate::support::upstream::Upstream;
-use token_sidecar::TokenConfig;
 
-use crate::support::{RouteBuilder, Running, SidecarConfig, fixture, http_client};
-
-/// One route `/orders/` to `up`, with `token` applied to `[token]`.
-fn one_route(
-    token_url: &str,
-    up: &Upstream,
-    token: impl FnOnce(&mut TokenConfig),
-) -> SidecarConfig {
-    SidecarConfig::new(token_url, fixture("ec_p256_sec1.pem"))
-        .token(token)
-        .route(
-            RouteBuilder::path("orders", "/orders/", &up.url())
-                .scope(&["orders:read"])
-                .audience(&[ORDERS]),
-        )
-}
+use crate::support::{Running, http_client, orders_config};
 
 /// Promise 2: a 401 `invalid_token` evicts the token, one fresh token is fetched, and a small
 /// buffered request is replayed once with it.
@@ -34,7 +18,7 @@ fn one_route(
 async fn a_rejected_token_is_evicted_and_a_small_request_replayed_once() {
     let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
     let up = Upstream::start().await;
-    let sc = Running::start(one_route(&idp.token_url(), &up, |_| {})).await;
+    let sc = Running::start(orders_config(&idp.token_url(), &up.url(), |_| {})).await;
     sc.wait_ready().await;
     let client = http_client();
 
@@ -92,7 +76,8 @@ async fn a_rejected_token_is_evicted_and_a_small_request_replayed_once() {
 async fn a_large_request_gets_the_401_back_unchanged() {
     let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
     let up = Upstream::start().await;
-    let cfg = one_route(&idp.token_url(), &up, |_| {}).proxy(|p| p.retry_body_limit = 1024);
+    let cfg =
+        orders_config(&idp.token_url(), &up.url(), |_| {}).proxy(|p| p.retry_body_limit = 1024);
     let sc = Running::start(cfg).await;
     sc.wait_ready().await;
     let client = http_client();
@@ -146,7 +131,7 @@ async fn a_large_request_gets_the_401_back_unchanged() {
 async fn an_upstream_that_rejects_every_token_gets_exactly_one_replay() {
     let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
     let up = Upstream::start().await;
-    let sc = Running::start(one_route(&idp.token_url(), &up, |_| {})).await;
+    let sc = Running::start(orders_config(&idp.token_url(), &up.url(), |_| {})).await;
     sc.wait_ready().await;
     let resp = http_client()
         .get(sc.url("/orders/always-401"))
@@ -164,7 +149,7 @@ async fn an_upstream_that_rejects_every_token_gets_exactly_one_replay() {
 async fn a_hundred_simultaneous_401s_cause_one_token_request() {
     let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
     let up = Upstream::start().await;
-    let sc = Running::start(one_route(&idp.token_url(), &up, |_| {})).await;
+    let sc = Running::start(orders_config(&idp.token_url(), &up.url(), |_| {})).await;
     sc.wait_ready().await;
     let client = http_client();
     assert_eq!(
@@ -205,7 +190,7 @@ async fn an_authorization_server_outage_is_survived_then_reported_fast() {
     let up = Upstream::start().await;
     // Defaults: refresh 15 s after each fetch (a quarter of 60 s), usable for 50 s, backoff
     // ≤ 1 s, 3 attempts per fetch, request_timeout 10 s.
-    let sc = Running::start(one_route(&idp.token_url(), &up, |_| {})).await;
+    let sc = Running::start(orders_config(&idp.token_url(), &up.url(), |_| {})).await;
     sc.wait_ready().await;
     // The outage starts right after a refresh, as it would at any random moment in steady state
     // (a token is at most 15 s old then).
@@ -338,7 +323,7 @@ async fn assertions_tolerate_30_seconds_of_clock_skew() {
         .await;
         let Idp::Dev(dev) = &idp else { unreachable!() };
         dev.set_clock_offset(offset);
-        let sc = Running::start(one_route(&idp.token_url(), &up, |t| {
+        let sc = Running::start(orders_config(&idp.token_url(), &up.url(), |t| {
             if let Some(tolerance) = tolerance {
                 t.clock_skew_tolerance = tolerance;
             }

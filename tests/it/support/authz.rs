@@ -1,6 +1,7 @@
 //! The real `oidc-provider` (npm) as a test authorization server: `tests/authz/server.mjs` run
 //! with node on a free loopback port, configured for `client_credentials` + `private_key_jwt` +
-//! resource indicators. Needs `npm ci --prefix tests/authz` once.
+//! resource indicators. Its npm packages are installed on first use (`ensure_npm_packages`) when
+//! `npm ci --prefix tests/authz` has not been run.
 //!
 //! What the server does (see the header of `tests/authz/server.mjs`):
 //! - `POST {issuer}/oauth2/token`; `GET {issuer}/jwks`; `GET {issuer}/.well-known/openid-configuration`;

@@ -105,6 +105,22 @@ impl Drop for Running {
     }
 }
 
+/// The common fixture: one route `/orders/` (scope `orders:read`, audience [`idp::ORDERS`]) to
+/// `upstream`, the ES256 key, and `token` applied to `[token]`.
+pub fn orders_config(
+    token_url: &str,
+    upstream: &str,
+    token: impl FnOnce(&mut token_sidecar::TokenConfig),
+) -> SidecarConfig {
+    SidecarConfig::new(token_url, fixture("ec_p256_sec1.pem"))
+        .token(token)
+        .route(
+            RouteBuilder::path("orders", "/orders/", upstream)
+                .scope(&["orders:read"])
+                .audience(&[idp::ORDERS]),
+        )
+}
+
 /// A plain client for talking to the sidecar: no proxy from the environment, no redirects.
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()

@@ -21,6 +21,37 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Polls `http://{admin}/readyz` until it answers 200 (each poll bounded at 2 s); `Err` with
+/// `output()` if `child` exits first or `within` passes.
+pub async fn wait_ready(
+    child: &mut tokio::process::Child,
+    admin: SocketAddr,
+    within: Duration,
+    output: impl Fn() -> String,
+) -> Result<(), String> {
+    let client = super::http_client();
+    let url = format!("http://{admin}/readyz");
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited with {status}\n{}", output()));
+        }
+        if let Ok(Ok(r)) =
+            tokio::time::timeout(Duration::from_secs(2), client.get(&url).send()).await
+            && r.status() == 200
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "/readyz on {admin} not 200 within {within:?}\n{}",
+                output()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A running `token-sidecar` child process.
 pub struct SidecarProcess {
     child: tokio::process::Child,
@@ -92,24 +123,12 @@ impl SidecarProcess {
 
     /// Polls `/readyz` until 200; `Err(stderr)` if the process exits or `within` passes.
     async fn wait_ready(&mut self, within: Duration) -> Result<(), String> {
-        let client = super::http_client();
-        let url = format!("http://{}/readyz", self.admin);
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("exited with {status}\n{}", self.log()));
-            }
-            if let Ok(Ok(r)) =
-                tokio::time::timeout(Duration::from_secs(2), client.get(&url).send()).await
-                && r.status() == 200
-            {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("not ready within {within:?}\n{}", self.log()));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let admin = self.admin;
+        let log = self.log.clone();
+        wait_ready(&mut self.child, admin, within, || {
+            std::fs::read_to_string(&log).unwrap_or_default()
+        })
+        .await
     }
 
     pub fn url(&self, path: &str) -> String {
