@@ -27,6 +27,9 @@ impl Default for ProxyConfig {
             worker_threads: 0,
             shutdown_grace: Duration::from_secs(20),
             retry_body_limit: 65536,
+            body_read_timeout: Duration::from_secs(30),
+            max_concurrent_streams: 100,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -35,6 +38,9 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            max_connections: 1024,
+            max_connections_per_peer: 32,
+            header_read_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -105,6 +111,9 @@ pub(super) mod token {
     }
     pub(crate) fn retry_backoff_max() -> Duration {
         Duration::from_secs(1)
+    }
+    pub(crate) fn min_refetch_interval() -> Duration {
+        Duration::from_secs(10)
     }
     pub(crate) fn max_response_bytes() -> usize {
         256 * 1024

@@ -81,6 +81,15 @@ pub struct ProxyConfig {
     /// Request bodies of known size up to this many bytes are kept for one replay after the
     /// upstream rejects the token; larger ones stream and a 401 goes back unchanged.
     pub retry_body_limit: usize,
+    /// A request body that makes no progress for this long ends the request (408 before
+    /// anything was forwarded, else the upstream request is aborted) and frees the connection.
+    #[serde(with = "duration_str")]
+    pub body_read_timeout: Duration,
+    /// HTTP/2: most streams (requests) in flight at once on one downstream connection.
+    pub max_concurrent_streams: u32,
+    /// Hosts besides the loopback names (`localhost`, `127.0.0.1`, `[::1]`, any port) whose
+    /// requests the main listener's path routes answer; anything else gets 421.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `[admin]`: the operations listener (`/healthz`, `/readyz`).
@@ -88,6 +97,13 @@ pub struct ProxyConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Connections accepted at once on the admin listener (apart from the proxy's).
+    pub max_connections: usize,
+    /// Connections one peer address may hold at once on the admin listener.
+    pub max_connections_per_peer: usize,
+    /// A client slower than this to send its request head to the admin listener is cut off.
+    #[serde(with = "duration_str")]
+    pub header_read_timeout: Duration,
 }
 
 /// How the client authenticates at the token endpoint.
@@ -184,6 +200,13 @@ pub struct TokenConfig {
     /// Cap on the pause between failed fetches.
     #[serde(default = "defaults::token::retry_backoff_max", with = "duration_str")]
     pub retry_backoff_max: Duration,
+    /// A token the upstream rejected is refetched at most once per this interval (doubling
+    /// while the new tokens are rejected too, up to 5 minutes).
+    #[serde(
+        default = "defaults::token::min_refetch_interval",
+        with = "duration_str"
+    )]
+    pub min_refetch_interval: Duration,
     /// Largest token response body read, in bytes.
     #[serde(default = "defaults::token::max_response_bytes")]
     pub max_response_bytes: usize,

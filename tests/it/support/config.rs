@@ -54,6 +54,7 @@ impl SidecarConfig {
             },
             admin: token_sidecar::AdminConfig {
                 listen: LOOPBACK_ANY,
+                ..token_sidecar::AdminConfig::default()
             },
             token,
             route: Vec::new(),
