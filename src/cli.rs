@@ -1,5 +1,9 @@
 //! The command line (SPEC §7). Exit status: 0 on success, 2 for invalid configuration or usage,
 //! 1 for anything else that stops the process.
+//!
+//! Invariant: every problem with the configuration's content exits 2 with one line per problem
+//! naming its key, whether validation finds it (the usual case: it loads the key file too) or
+//! the server does at start-up.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,6 +11,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config};
+use crate::server::StartError;
+use crate::token::client::ClientBuildError;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -128,18 +134,53 @@ fn run(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     let _log = crate::telemetry::init(config.log.format);
+    let routes: Vec<String> = config.route.iter().map(|r| r.name.clone()).collect();
     runtime(config.proxy.worker_threads).block_on(async move {
         let sidecar = match crate::server::Sidecar::bind(config).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %e, "cannot start");
-                eprintln!("token-sidecar: {e}");
-                return ExitCode::FAILURE;
+                return start_failure(&e, &routes);
             }
         };
         sidecar.run(shutdown_signal()).await;
         ExitCode::SUCCESS
     })
+}
+
+/// Prints a start-up error and picks its exit status. What the configuration's content caused
+/// (the key file or a CA file, unusable when the server read it, e.g. replaced since validation
+/// read it) exits 2 with one `invalid config: <key>: <message>` line, like validation's
+/// problems; a bind failure or anything else about the environment exits 1.
+fn start_failure(e: &StartError, routes: &[String]) -> ExitCode {
+    let problem = |key: &str, message: String| config::ConfigError {
+        problems: vec![config::Problem {
+            key: key.to_owned(),
+            message,
+        }],
+    };
+    let invalid = match e {
+        StartError::Client(ClientBuildError::Key(k)) => {
+            Some(problem("token.private_key_file", k.to_string()))
+        }
+        StartError::Client(ClientBuildError::Ca(m)) => Some(problem("token.ca_file", m.clone())),
+        StartError::Route(r) => Some(match routes.iter().position(|n| *n == r.route) {
+            Some(i) => problem(&format!("route[{i}]"), r.message.clone()),
+            None => problem("route", r.to_string()),
+        }),
+        StartError::Client(ClientBuildError::Http(_)) | StartError::Bind { .. } => None,
+    };
+    match invalid {
+        // Printed alone, not logged as well: one line per problem, as for validation.
+        Some(problems) => {
+            eprintln!("{problems}");
+            ExitCode::from(2)
+        }
+        None => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("token-sidecar: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).

@@ -1,7 +1,14 @@
-//! Small facts every layer needs exactly once: the wall clock as Unix seconds and an error's
-//! whole cause chain as one line.
+//! Small facts every layer needs exactly once: the wall clock as Unix seconds, an error's whole
+//! cause chain as one line, and a URL as logs and error texts may show it.
+//!
+//! Invariant: a URL reaches a log line, an error text, `/readyz` or `check-config` output only
+//! through [`redact_url`] (or [`reqwest_error`] for reqwest's errors, whose `Display` embeds the
+//! full URL): scheme, host, port and path, never userinfo, query or fragment, which is where
+//! credentials and API keys sit (`https://user:pass@…`, `…?api_key=…`).
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use url::Url;
 
 /// Seconds since the Unix epoch, floored. A clock before 1970 is broken beyond what any server
 /// would accept; 0 keeps derived `iat` values in the past rather than failing.
@@ -16,8 +23,10 @@ pub(crate) fn unix_now() -> u64 {
 /// ("error sending request"); the causes say what happened. Causes already contained in the
 /// text so far are skipped.
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
+    chain_onto(e.to_string(), e.source())
+}
+
+fn chain_onto(mut out: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(s) = source {
         let text = s.to_string();
         if !out.contains(&text) {
@@ -27,4 +36,94 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     out
+}
+
+/// `url` reduced to scheme, host, port and path: no userinfo, no query, no fragment. Text that
+/// does not parse as a URL is not shown at all (it could be anything, a secret included).
+pub(crate) fn redact_url(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(u) => redact_parsed(&u),
+        Err(_) => "[unparsable URL]".to_owned(),
+    }
+}
+
+fn redact_parsed(u: &Url) -> String {
+    // A URL without a host (`mailto:`, `data:`) is all "path"; nothing of it is safe to show.
+    let Some(host) = u.host_str() else {
+        return format!("{}:[redacted]", u.scheme());
+    };
+    let mut out = format!("{}://{host}", u.scheme());
+    if let Some(port) = u.port() {
+        out.push_str(&format!(":{port}"));
+    }
+    out.push_str(u.path());
+    out
+}
+
+/// A reqwest error on one line with its causes, its URL redacted. reqwest's own `Display`
+/// appends `for url (<the full URL>)`, query and all.
+pub(crate) fn reqwest_error(e: reqwest::Error) -> String {
+    let url = e.url().map(redact_parsed);
+    let e = e.without_url();
+    let mut top = e.to_string();
+    if let Some(url) = url {
+        top.push_str(&format!(" for url ({url})"));
+    }
+    chain_onto(top, std::error::Error::source(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_url_keeps_scheme_host_port_and_path_only() {
+        for (url, shown) in [
+            (
+                "https://user:pass@idp.example.com:8443/oauth2/token?api_key=SECRET#frag",
+                "https://idp.example.com:8443/oauth2/token",
+            ),
+            (
+                "http://127.0.0.1:9/token?p=SECRET",
+                "http://127.0.0.1:9/token",
+            ),
+            ("https://[::1]/t", "https://[::1]/t"),
+            ("https://user@h.example/", "https://h.example/"),
+            ("https://h.example:443/x", "https://h.example/x"),
+            ("mailto:SECRET@example.com", "mailto:[redacted]"),
+            ("not a url SECRET", "[unparsable URL]"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[tokio::test]
+    async fn reqwest_errors_lose_userinfo_and_query() {
+        // A loopback port just released: the connect is refused at once, and reqwest's error
+        // carries the URL.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let url = format!("http://user:pass@127.0.0.1:{port}/token?api_key=SECRET#frag");
+        let e = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(&url)
+            .send()
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("SECRET"),
+            "reqwest shows the query: {e}"
+        );
+        let text = reqwest_error(e);
+        assert!(!text.contains("SECRET"), "{text}");
+        assert!(!text.contains("pass"), "{text}");
+        assert!(
+            text.contains(&format!("for url (http://127.0.0.1:{port}/token)")),
+            "{text}"
+        );
+        assert!(text.contains("error sending request"), "{text}");
+    }
 }

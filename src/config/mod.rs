@@ -11,10 +11,13 @@
 //!   Every command goes through the same layering.
 //! - `validate.rs` checks everything serde cannot express and reports *every* problem at once,
 //!   each naming its key, so an operator fixes a broken file in one round trip.
+//! - `bounds.rs` holds the upper bound of every duration and size, so no configured value can
+//!   overflow deadline arithmetic or size a buffer absurdly.
 //!
 //! Invariants: a [`Config`] handed to the server has passed [`Config::validate`]; it is immutable
 //! for the life of the process; secrets never appear in its `Debug` or redacted TOML output.
 
+mod bounds;
 mod defaults;
 mod error;
 mod load;
@@ -295,7 +298,15 @@ pub(crate) mod duration_str {
 impl Config {
     /// The effective configuration as TOML, secrets redacted (for `check-config`).
     pub fn to_redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        let mut shown = self.clone();
+        // A token_url query may hold an API key (user info is refused by validation, but this
+        // also renders configs that failed it): shown like a secret, as a marker only.
+        if let Ok(u) = url::Url::parse(&self.token.token_url)
+            && (u.query().is_some() || u.fragment().is_some() || !u.username().is_empty())
+        {
+            shown.token.token_url = format!("{}?[redacted]", crate::util::redact_url(u.as_str()));
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
 
@@ -330,6 +341,27 @@ upstream = "https://orders.example.com"
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redacted_output_hides_the_token_url_query_and_user_info() {
+        let text = MINIMAL.replace(
+            "https://idp.example.com/oauth2/token",
+            "https://idp.example.com/oauth2/token?api_key=SECRET",
+        );
+        let out = from_toml_str(&text).unwrap().to_redacted_toml();
+        assert!(!out.contains("SECRET"), "{out}");
+        assert!(
+            out.contains("token_url = \"https://idp.example.com/oauth2/token?[redacted]\""),
+            "{out}"
+        );
+        // Also for a config validation refused (user info), should anything render it.
+        let text = MINIMAL.replace("https://idp", "https://user:pass@idp");
+        let c = load::parse_unvalidated(&text).unwrap();
+        assert!(!c.to_redacted_toml().contains("pass"));
+        // Nothing to hide: the URL exactly as written (it is the assertion's default `aud`).
+        let out = from_toml_str(MINIMAL).unwrap().to_redacted_toml();
+        assert!(out.contains("token_url = \"https://idp.example.com/oauth2/token\""));
+    }
 
     #[test]
     fn redacted_output_hides_the_secret() {

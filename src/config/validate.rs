@@ -10,7 +10,7 @@ use std::path::Path;
 
 use url::Url;
 
-use super::{AuthMethod, Config, ConfigError, Problem};
+use super::{AuthMethod, Config, ConfigError, Problem, TokenConfig};
 
 /// Collects problems as validation walks the config.
 #[derive(Default)]
@@ -32,6 +32,7 @@ impl Config {
         self.validate_proxy(&mut p);
         self.validate_token(&mut p);
         self.validate_routes(&mut p);
+        p.0.extend(super::bounds::problems(self));
         if p.0.is_empty() {
             Ok(())
         } else {
@@ -65,18 +66,21 @@ impl Config {
         let t = &self.token;
         match Url::parse(&t.token_url) {
             Err(e) => p.add("token.token_url", format!("not a valid URL: {e}")),
-            Ok(u) => match u.scheme() {
-                "https" => {}
-                "http" if t.allow_insecure_token_url => {}
-                "http" => p.add(
-                    "token.token_url",
-                    "plain http:// would send client credentials in clear text; use https:// or set token.allow_insecure_token_url = true",
-                ),
-                s => p.add(
-                    "token.token_url",
-                    format!("scheme {s:?} is not supported; use https://"),
-                ),
-            },
+            Ok(u) => {
+                match u.scheme() {
+                    "https" => {}
+                    "http" if t.allow_insecure_token_url => {}
+                    "http" => p.add(
+                        "token.token_url",
+                        "plain http:// would send client credentials in clear text; use https:// or set token.allow_insecure_token_url = true",
+                    ),
+                    s => p.add(
+                        "token.token_url",
+                        format!("scheme {s:?} is not supported; use https://"),
+                    ),
+                }
+                check_token_url_parts(p, &u);
+            }
         }
         if t.client_id.trim().is_empty() {
             p.add("token.client_id", "must not be empty");
@@ -106,7 +110,11 @@ impl Config {
             }
         }
         if let Some(f) = &t.private_key_file {
-            check_readable(p, "token.private_key_file", f);
+            if t.auth_method == AuthMethod::PrivateKeyJwt {
+                check_key_file(p, t, f);
+            } else {
+                check_readable(p, "token.private_key_file", f);
+            }
         }
         if let Some(alg) = &t.signing_alg
             && crate::key::parse_alg(alg).is_none()
@@ -311,6 +319,39 @@ fn check_readable(p: &mut Problems, key: &str, path: &Path) {
     }
 }
 
+/// `token_url` may carry a query (Azure AD B2C names its policy in `?p=`), which is why it is
+/// shown redacted everywhere; user info and fragments have no place in it. The messages do not
+/// echo the URL: what they refuse is what must not be shown.
+fn check_token_url_parts(p: &mut Problems, u: &Url) {
+    if !u.username().is_empty() || u.password().is_some() {
+        p.add(
+            "token.token_url",
+            "must not carry user info (name:secret@ before the host); put the client secret in token.client_secret_file",
+        );
+    }
+    if u.fragment().is_some() {
+        p.add("token.token_url", "must not have a fragment (#...)");
+    }
+}
+
+/// Loads the signing key exactly as the token client will (size bound, format, key type,
+/// `signing_alg`), so that an unusable key is a configuration problem reported with the others
+/// (exit 2), not a start-up failure.
+fn check_key_file(p: &mut Problems, t: &TokenConfig, path: &Path) {
+    // An unknown signing_alg is reported under its own key; the file is still checked.
+    let alg = t.signing_alg.as_deref().and_then(crate::key::parse_alg);
+    let key_id = match t.key_id.as_deref() {
+        Some(k) if k.trim().is_empty() => {
+            p.add("token.key_id", "must not be empty when set");
+            None
+        }
+        other => other.map(str::to_owned),
+    };
+    if let Err(e) = crate::key::KeySource::load(path, alg, key_id) {
+        p.add("token.private_key_file", e.to_string());
+    }
+}
+
 fn check_ca_file(p: &mut Problems, key: &str, path: &Path) {
     match crate::tls::load_certs(path) {
         Ok(certs) if certs.is_empty() => {
@@ -360,6 +401,84 @@ upstream = "https://x.example.com"
             assert!(keys.contains(&want), "missing {want} in {keys:?}");
         }
         assert_eq!(err.to_string().lines().count(), err.problems.len());
+    }
+
+    /// A private_key_jwt config whose key file holds `contents`, with `extra` under `[token]`.
+    fn with_key(dir: &Path, contents: &[u8], extra: &str) -> Result<Config, ConfigError> {
+        let path = dir.join("key.pem");
+        std::fs::write(&path, contents).unwrap();
+        from_toml_str(&format!(
+            "[token]\ntoken_url = \"https://idp.example.com/t\"\nclient_id = \"c\"\n\
+             private_key_file = {:?}\n{extra}\n[[route]]\nname = \"r\"\n\
+             path_prefix = \"/\"\nupstream = \"https://r.example.com\"\n",
+            path.display().to_string()
+        ))
+    }
+
+    #[test]
+    fn an_unusable_key_file_is_a_problem_of_private_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = |name: &str| {
+            std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/keys")
+                    .join(name),
+            )
+            .unwrap()
+        };
+        with_key(dir.path(), &fixture("ec_p256_sec1.pem"), "").unwrap();
+        let cases: [(&str, &[u8], &str, &str); 5] = [
+            ("garbage", b"hello", "", "not a private key"),
+            (
+                "encrypted",
+                b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+                "",
+                "encrypted",
+            ),
+            (
+                "a certificate, not a key",
+                b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                "",
+                "no private key",
+            ),
+            ("a symmetric JWK", br#"{"kty":"oct","k":"c2VjcmV0"}"#, "", "unsupported key"),
+            (
+                "a key that does not fit signing_alg",
+                &fixture("ec_p256_sec1.pem"),
+                "signing_alg = \"RS256\"",
+                "does not fit",
+            ),
+        ];
+        for (what, contents, extra, says) in cases {
+            let err = with_key(dir.path(), contents, extra).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{what}: {err}");
+            assert_eq!(
+                err.problems[0].key, "token.private_key_file",
+                "{what}: {err}"
+            );
+            assert!(err.problems[0].message.contains(says), "{what}: {err}");
+        }
+        let err = with_key(dir.path(), &fixture("ec_p256_sec1.pem"), "key_id = \" \"").unwrap_err();
+        assert_eq!(err.problems[0].key, "token.key_id", "{err}");
+    }
+
+    #[test]
+    fn token_url_user_info_and_fragment_are_refused_without_echoing_them() {
+        for url in [
+            "https://user:pass@idp.example.com/t",
+            "https://idp.example.com/t#pass",
+        ] {
+            let text = super::super::MINIMAL.replace("https://idp.example.com/oauth2/token", url);
+            let err = from_toml_str(&text).unwrap_err();
+            assert_eq!(err.problems[0].key, "token.token_url", "{err}");
+            assert!(!err.to_string().contains("pass"), "{err}");
+        }
+        // A query is allowed (Azure AD B2C: `?p=<policy>`); it is shown redacted instead.
+        let text = super::super::MINIMAL.replace(
+            "https://idp.example.com/oauth2/token",
+            "https://idp.example.com/t?p=b2c_1_policy",
+        );
+        from_toml_str(&text).unwrap();
     }
 
     #[test]

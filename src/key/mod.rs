@@ -61,6 +61,8 @@ pub enum KeyError {
     },
     #[error("cannot read: {0}")]
     Read(io::Error),
+    #[error("larger than {limit} bytes, which no private key is: is this the right file?")]
+    TooLarge { limit: u64 },
     #[error(
         "not a private key: expected PEM (PKCS#8 \"PRIVATE KEY\", \"RSA PRIVATE KEY\", \"EC PRIVATE KEY\") or a private JWK (JSON)"
     )]

@@ -5,6 +5,8 @@
 //! - A file version is its (mtime, len, dev, inode) stamp, symlinks followed; a new stamp means
 //!   one re-read. An unusable new version never replaces a working key, and each distinct
 //!   failure is logged once.
+//! - A key file is read only up to [`MAX_KEY_FILE_BYTES`] (1 MiB), at start-up and on every
+//!   re-read; a larger file is refused like any other unusable one.
 //! - Key files are written owner-only (0600), and a replaced file is swapped in by rename, so a
 //!   reader never sees half a key.
 
@@ -164,13 +166,38 @@ impl KeySource {
     }
 }
 
+/// The most a key file may hold. A PEM or JWK private key is a few KiB (RSA 4096 as a JWK is
+/// about 3.3 KiB); the bound keeps a wrong path (a log file, `/dev/zero`) from being read
+/// whole into memory at start-up or on every rotation check.
+pub(crate) const MAX_KEY_FILE_BYTES: u64 = 1024 * 1024;
+
 fn read_key(
     path: &Path,
     alg: Option<Algorithm>,
     key_id: Option<&str>,
 ) -> Result<SigningKey, KeyError> {
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(KeyError::Read)?);
+    let bytes = read_bounded(path, MAX_KEY_FILE_BYTES)?;
     SigningKey::from_bytes(&bytes, alg, key_id)
+}
+
+/// Reads at most `limit` bytes of `path`; a file with more is refused, whatever its metadata
+/// claims (device files report size 0).
+fn read_bounded(path: &Path, limit: u64) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(KeyError::Read)?;
+    // Sized up front from the metadata so the buffer is not reallocated while it fills: a
+    // reallocation would leave a copy of the key in freed memory that `Zeroizing` cannot wipe.
+    let expected = file.metadata().map_or(0, |m| m.len()).min(limit) + 1;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(
+        usize::try_from(expected).unwrap_or(usize::MAX),
+    ));
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(KeyError::Read)?;
+    if bytes.len() as u64 > limit {
+        return Err(KeyError::TooLarge { limit });
+    }
+    Ok(bytes)
 }
 
 /// Writes a private key file readable by its owner only (0600 on unix). With `overwrite`, an
@@ -357,6 +384,47 @@ mod tests {
         assert!(
             matches!(&e, KeyError::File { reason, .. } if matches!(**reason, KeyError::AlgMismatch { .. }))
         );
+    }
+
+    #[test]
+    fn an_oversized_key_file_is_refused_at_load_and_on_rotation() {
+        let limit = usize::try_from(MAX_KEY_FILE_BYTES).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        // A usable key followed by blank lines: only its size is wrong.
+        let mut padded = fixture("ed25519_pkcs8.pem");
+        padded.resize(limit, b'\n');
+        assert!(SigningKey::from_bytes(&padded, None, None).is_ok());
+        std::fs::write(&path, &padded).unwrap();
+        assert_eq!(
+            KeySource::load(&path, None, None).unwrap().current().alg(),
+            Algorithm::EdDSA,
+            "exactly at the bound is fine"
+        );
+        padded.push(b'\n');
+        assert!(SigningKey::from_bytes(&padded, None, None).is_ok());
+        std::fs::write(&path, &padded).unwrap();
+        let e = KeySource::load(&path, None, None).unwrap_err();
+        assert!(
+            matches!(&e, KeyError::File { reason, .. } if matches!(**reason, KeyError::TooLarge { .. })),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("larger than 1048576 bytes"), "{e}");
+
+        // Rotation to the oversized file keeps the key that works.
+        std::fs::write(&path, fixture("ec_p256_sec1.pem")).unwrap();
+        let source = KeySource::load(&path, None, None).unwrap();
+        let first = source.current();
+        std::fs::write(&path, &padded).unwrap();
+        assert!(Arc::ptr_eq(&first, &source.current()));
+        assert_eq!(source.current().alg(), Algorithm::ES256);
+
+        // A device that never ends (metadata says 0 bytes) is cut off at the bound too.
+        #[cfg(unix)]
+        {
+            let e = KeySource::load("/dev/zero", None, None).unwrap_err();
+            assert!(e.to_string().contains("larger than"), "{e}");
+        }
     }
 
     #[test]

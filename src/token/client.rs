@@ -16,7 +16,7 @@ use crate::key::{KeyError, KeySource};
 use crate::secret::Secret;
 use crate::token::backoff;
 use crate::token::{AccessToken, ResponseError, TokenKey, parse_response};
-use crate::util::{error_chain, unix_now};
+use crate::util::{redact_url, reqwest_error, unix_now};
 
 /// RFC 7523 §2.2.
 pub(crate) const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -152,7 +152,8 @@ pub(crate) struct TokenClient {
 impl std::fmt::Debug for TokenClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenClient")
-            .field("token_url", &self.token_url)
+            // The query may hold an API key (spec §6: URLs are shown redacted).
+            .field("token_url", &redact_url(&self.token_url))
             .field("client_id", &self.client_id)
             .finish_non_exhaustive()
     }
@@ -287,7 +288,7 @@ impl TokenClient {
             .body(body.into_inner())
             .send()
             .await
-            .map_err(|e| FetchError::Transport(error_chain(&e)))?;
+            .map_err(|e| FetchError::Transport(reqwest_error(e)))?;
 
         let status = response.status().as_u16();
         let content_type = response
@@ -388,7 +389,7 @@ async fn read_bounded(
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| FetchError::Transport(error_chain(&e)))?
+        .map_err(|e| FetchError::Transport(reqwest_error(e)))?
     {
         if body.len() + chunk.len() > limit {
             return Err(FetchError::TooLarge { limit });
