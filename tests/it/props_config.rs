@@ -430,3 +430,109 @@ fn config_refuses_a_nan_refresh_at() {
         "{err}"
     );
 }
+
+/// The keys of the base config whose values are durations, as `(section, key, name)`, the name
+/// being how validation reports it (`route[0].timeout`). Read from the effective config, so a
+/// duration key added later is covered without editing this list.
+fn duration_keys() -> Vec<(String, String, String)> {
+    typed_keys(|v| {
+        v.as_str()
+            .is_some_and(|s| humantime::parse_duration(s).is_ok())
+    })
+}
+
+/// Like [`duration_keys`], for integer keys.
+fn integer_keys() -> Vec<(String, String, String)> {
+    typed_keys(toml::Value::is_integer)
+}
+
+fn typed_keys(is: impl Fn(&toml::Value) -> bool) -> Vec<(String, String, String)> {
+    let base = from_toml_str(BASE_CONFIG).expect("the base config is valid");
+    let effective: toml::Table = toml::from_str(&base.to_redacted_toml()).unwrap();
+    let mut keys = Vec::new();
+    for (section, value) in &effective {
+        let (table, name) = match value {
+            toml::Value::Table(t) => (t, section.clone()),
+            toml::Value::Array(a) => (a[0].as_table().unwrap(), format!("{section}[0]")),
+            _ => continue,
+        };
+        for (k, v) in table {
+            if is(v) {
+                keys.push((section.clone(), k.clone(), format!("{name}.{k}")));
+            }
+        }
+    }
+    keys
+}
+
+/// The base config with `section.key = value`, loaded and validated.
+fn with_value(section: &str, key: &str, value: toml::Value) -> Result<Config, ConfigError> {
+    let mut table: toml::Table = toml::from_str(BASE_CONFIG).unwrap();
+    mutate(&mut table, section, key, Some(value));
+    from_toml_str(&to_text(&table))
+}
+
+/// docs/spec.md §4: every duration has an upper bound (timeouts and backoffs 1 h, token
+/// lifetimes and margins 1 day), so none can overflow `Instant + Duration` at run time. Each
+/// duration key set to an absurd value is refused with a problem naming it.
+#[test]
+fn every_duration_key_refuses_a_huge_value_naming_it() {
+    let keys = duration_keys();
+    assert!(keys.len() >= 16, "{keys:?}");
+    for (section, key, named) in keys {
+        for huge in [
+            "1000000000years",
+            "18446744073709551615s",
+            "2d",
+            "100000000000000h",
+        ] {
+            let err = with_value(&section, &key, huge.into())
+                .err()
+                .unwrap_or_else(|| panic!("{named} = {huge:?} was accepted"));
+            assert!(
+                err.problems.iter().any(|p| p.key == named),
+                "{named} = {huge:?}: {err}"
+            );
+        }
+    }
+}
+
+/// The same for every integer key (connection caps, sizes, attempts, threads): a value near
+/// `i64::MAX` is refused, naming the key, instead of sizing a semaphore or a buffer.
+#[test]
+fn every_integer_key_refuses_a_huge_value_naming_it() {
+    let keys = integer_keys();
+    assert!(keys.len() >= 10, "{keys:?}");
+    for (section, key, named) in keys {
+        for huge in [i64::MAX, 1 << 40, 100_000_000] {
+            let err = with_value(&section, &key, huge.into())
+                .err()
+                .unwrap_or_else(|| panic!("{named} = {huge} was accepted"));
+            assert!(
+                err.problems.iter().any(|p| p.key == named),
+                "{named} = {huge}: {err}"
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(256))]
+
+    /// Any duration over a day, in any duration key, is refused with that key named (one day
+    /// is the largest bound).
+    #[test]
+    fn durations_beyond_a_day_are_refused(
+        which in any::<prop::sample::Index>(),
+        secs in 86_401u64..=u64::MAX,
+        nanos in 0u32..1_000_000_000,
+    ) {
+        let keys = duration_keys();
+        let (section, key, named) = which.get(&keys);
+        let value = format!("{secs}s {nanos}ns");
+        let result = with_value(section, key, value.clone().into());
+        prop_assert!(result.is_err(), "{} = {:?} was accepted", named, value);
+        let err = result.err().unwrap();
+        prop_assert!(err.problems.iter().any(|p| &p.key == named), "{}: {}", named, err);
+    }
+}
