@@ -45,6 +45,7 @@ pub(crate) struct RouteMetrics {
     by_class: [Counter; 5],
     duration: Histogram,
     upstream_errors: Counter,
+    evictions: Counter,
 }
 
 impl RouteMetrics {
@@ -58,6 +59,11 @@ impl RouteMetrics {
         self.upstream_errors.inc();
     }
 
+    /// A request on this route had its token evicted (docs/spec.md §3).
+    pub(crate) fn eviction(&self) {
+        self.evictions.inc();
+    }
+
     /// Handles that no registry exports, for tests that build routes by hand.
     #[cfg(test)]
     pub(crate) fn unregistered() -> RouteMetrics {
@@ -65,6 +71,7 @@ impl RouteMetrics {
             by_class: Default::default(),
             duration: request_histogram(),
             upstream_errors: Counter::default(),
+            evictions: Counter::default(),
         }
     }
 }
@@ -75,6 +82,7 @@ pub(crate) struct Metrics {
     requests: Family<RouteClass, Counter>,
     request_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
     upstream_errors: Family<RouteLabel, Counter>,
+    evictions: Family<RouteLabel, Counter>,
     state: Arc<StateCollector>,
 }
 
@@ -116,9 +124,15 @@ impl Metrics {
             "Requests that could not be delivered to the upstream (connect, TLS, reset), by route",
             upstream_errors.clone(),
         );
+        let evictions = Family::<RouteLabel, Counter>::default();
+        registry.register(
+            "token_evictions",
+            "Tokens dropped after the upstream rejected them (each causes one token request), by the route whose request saw the rejection",
+            evictions.clone(),
+        );
         registry.register_with_unit(
             "token_fetch_duration",
-            "Duration of token fetches, retries included",
+            "Duration of one token request",
             Unit::Seconds,
             fetch_duration.clone(),
         );
@@ -129,6 +143,7 @@ impl Metrics {
             requests,
             request_duration,
             upstream_errors,
+            evictions,
             state,
         }
     }
@@ -157,6 +172,7 @@ impl Metrics {
             }),
             duration: self.request_duration.get_or_create(&label).clone(),
             upstream_errors: self.upstream_errors.get_or_create(&label).clone(),
+            evictions: self.evictions.get_or_create(&label).clone(),
         }
     }
 
@@ -189,7 +205,7 @@ impl Collector for StateCollector {
         }
         let mut me = encoder.encode_descriptor(
             "token_fetches",
-            "Token requests to the authorization server, by outcome (ok, rejected, unavailable, invalid)",
+            "Token requests to the authorization server (each attempt, retries included), by outcome (ok, rejected, unavailable, invalid)",
             None,
             MetricType::Counter,
         )?;
@@ -214,8 +230,13 @@ impl Collector for StateCollector {
             ),
             (
                 "cache_refreshes",
-                "Token fetches made while a token was cached (refresh ahead or after eviction)",
+                "Token requests made while a token was cached (refresh ahead, retries of a failing refresh)",
                 sum(|s| s.stats.refreshes()),
+            ),
+            (
+                "refresher_restarts",
+                "Token refreshers that stopped (a panic) and were started again",
+                sum(|s| s.stats.restarts()),
             ),
         ] {
             let c = ConstCounter::new(value);

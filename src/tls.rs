@@ -11,6 +11,12 @@ use rustls_pki_types::pem::PemObject;
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum TlsError {
     #[error("cannot read CA file {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read CA file {path}: {source}")]
     Read {
         path: String,
         #[source]
@@ -24,10 +30,16 @@ pub(crate) enum TlsError {
     },
 }
 
-/// Reads every PEM certificate in `path`.
+/// Reads every PEM certificate in `path` (at most [`crate::util::MAX_FILE_BYTES`]).
 pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    CertificateDer::pem_file_iter(path)
-        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+    let pem = crate::util::read_bounded(path, crate::util::MAX_FILE_BYTES).map_err(|source| {
+        TlsError::Open {
+            path: path.display().to_string(),
+            source,
+        }
+    })?;
+    CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Read {
             path: path.display().to_string(),
             source,

@@ -1,12 +1,17 @@
 //! Small facts every layer needs exactly once: the wall clock as Unix seconds, an error's whole
-//! cause chain as one line, and a URL as logs and error texts may show it.
+//! cause chain as one line, a URL as logs and error texts may show it, and a credential or CA
+//! file read with a size bound.
 //!
 //! Invariant: a URL reaches a log line, an error text, `/readyz` or `check-config` output only
 //! through [`redact_url`] (or [`reqwest_error`] for reqwest's errors, whose `Display` embeds the
 //! full URL): scheme, host, port and path, never userinfo, query or fragment, which is where
 //! credentials and API keys sit (`https://user:pass@…`, `…?api_key=…`).
 
+use std::io::{self, Read as _};
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use zeroize::Zeroizing;
 
 use url::Url;
 
@@ -17,6 +22,32 @@ pub(crate) fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// The most any file the sidecar reads (key, client secret, CA bundle) may hold. A private key
+/// or a secret is a few KiB and a large CA bundle a few hundred; the bound keeps a wrong path
+/// (a log file, `/dev/zero`) from being read whole into memory at start-up or on every re-read.
+pub(crate) const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads at most `limit` bytes of `path`; a file with more is refused (`io::ErrorKind::
+/// FileTooLarge`), whatever its metadata claims (device files report size 0). The buffer is
+/// wiped when dropped, as the contents may be a key or a secret.
+pub(crate) fn read_bounded(path: &Path, limit: u64) -> io::Result<Zeroizing<Vec<u8>>> {
+    let file = std::fs::File::open(path)?;
+    // Sized up front from the metadata so the buffer is not reallocated while it fills: a
+    // reallocation would leave a copy of a key in freed memory that `Zeroizing` cannot wipe.
+    let expected = file.metadata().map_or(0, |m| m.len()).min(limit) + 1;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(
+        usize::try_from(expected).unwrap_or(usize::MAX),
+    ));
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            format!("larger than {limit} bytes: is this the right file?"),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// An error and its causes on one line. Top-level messages of reqwest and hyper are vague
@@ -75,6 +106,25 @@ pub(crate) fn reqwest_error(e: reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_bounded_refuses_one_byte_more_and_endless_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("f");
+        std::fs::write(&at, vec![b'x'; 10]).unwrap();
+        assert_eq!(read_bounded(&at, 10).unwrap().len(), 10);
+        let e = read_bounded(&at, 9).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::FileTooLarge);
+        // A device reports size 0 and never ends: the bound, not the metadata, stops the read.
+        let e = read_bounded(Path::new("/dev/zero"), 4096).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::FileTooLarge);
+    }
+
+    #[test]
+    fn a_ca_file_past_the_bound_is_refused_before_parsing() {
+        let e = crate::tls::load_certs(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+    }
 
     #[test]
     fn redact_url_keeps_scheme_host_port_and_path_only() {

@@ -110,7 +110,7 @@ pub(super) mod token {
         Duration::from_millis(200)
     }
     pub(crate) fn retry_backoff_max() -> Duration {
-        Duration::from_secs(1)
+        Duration::from_secs(5)
     }
     pub(crate) fn min_refetch_interval() -> Duration {
         Duration::from_secs(10)

@@ -164,6 +164,14 @@ impl Config {
         if t.max_attempts == 0 {
             p.add("token.max_attempts", "must be at least 1");
         }
+        if t.min_refetch_interval.is_zero()
+            || t.min_refetch_interval > crate::token::gate::MAX_REFETCH_INTERVAL
+        {
+            p.add(
+                "token.min_refetch_interval",
+                "must be greater than zero and at most 5m (the eviction gate's cap)",
+            );
+        }
         if t.max_response_bytes < 1024 {
             p.add("token.max_response_bytes", "must be at least 1024");
         }
@@ -479,6 +487,34 @@ upstream = "https://x.example.com"
             "https://idp.example.com/t?p=b2c_1_policy",
         );
         from_toml_str(&text).unwrap();
+    }
+
+    #[test]
+    fn min_refetch_interval_is_between_zero_and_the_gate_cap() {
+        for (value, ok) in [
+            ("0s", false),
+            ("1ms", true),
+            ("10s", true),
+            ("5m", true),
+            ("301s", false),
+        ] {
+            let text = format!(
+                "{}\n",
+                super::super::MINIMAL.replace(
+                    "[token]",
+                    &format!("[token]\nmin_refetch_interval = \"{value}\""),
+                )
+            );
+            let keys: Vec<String> = match from_toml_str(&text) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.problems.into_iter().map(|p| p.key).collect(),
+            };
+            assert_eq!(
+                !keys.contains(&"token.min_refetch_interval".to_string()),
+                ok,
+                "{value}: {keys:?}"
+            );
+        }
     }
 
     #[test]

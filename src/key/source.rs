@@ -169,7 +169,7 @@ impl KeySource {
 /// The most a key file may hold. A PEM or JWK private key is a few KiB (RSA 4096 as a JWK is
 /// about 3.3 KiB); the bound keeps a wrong path (a log file, `/dev/zero`) from being read
 /// whole into memory at start-up or on every rotation check.
-pub(crate) const MAX_KEY_FILE_BYTES: u64 = 1024 * 1024;
+pub(crate) const MAX_KEY_FILE_BYTES: u64 = crate::util::MAX_FILE_BYTES;
 
 fn read_key(
     path: &Path,
@@ -180,24 +180,12 @@ fn read_key(
     SigningKey::from_bytes(&bytes, alg, key_id)
 }
 
-/// Reads at most `limit` bytes of `path`; a file with more is refused, whatever its metadata
-/// claims (device files report size 0).
+/// The bounded read, with the size refusal as its own error (it says "not a key").
 fn read_bounded(path: &Path, limit: u64) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-    use std::io::Read as _;
-    let file = std::fs::File::open(path).map_err(KeyError::Read)?;
-    // Sized up front from the metadata so the buffer is not reallocated while it fills: a
-    // reallocation would leave a copy of the key in freed memory that `Zeroizing` cannot wipe.
-    let expected = file.metadata().map_or(0, |m| m.len()).min(limit) + 1;
-    let mut bytes = Zeroizing::new(Vec::with_capacity(
-        usize::try_from(expected).unwrap_or(usize::MAX),
-    ));
-    file.take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(KeyError::Read)?;
-    if bytes.len() as u64 > limit {
-        return Err(KeyError::TooLarge { limit });
-    }
-    Ok(bytes)
+    crate::util::read_bounded(path, limit).map_err(|e| match e.kind() {
+        io::ErrorKind::FileTooLarge => KeyError::TooLarge { limit },
+        _ => KeyError::Read(e),
+    })
 }
 
 /// Writes a private key file readable by its owner only (0600 on unix). With `overwrite`, an

@@ -12,8 +12,9 @@
 //! 4. [`send_with_replay`]: set `Authorization` and send it on the route's pooled client,
 //!    bounded by the route's `timeout` until response headers arrive. If the upstream answers
 //!    401 with a Bearer `invalid_token` challenge (any 401 with `retry_on_401`), the token is
-//!    evicted and a buffered request is replayed once with a fresh token; otherwise the 401 goes
-//!    back unchanged.
+//!    evicted when the slot's eviction gate is open, and a buffered request is replayed once
+//!    with a fresh token; otherwise the 401 goes back unchanged. A response below 400 tells the
+//!    slot the token works (which resets the gate after an eviction).
 //! 5. [`response`]: drop hop-by-hop headers and stream the upstream's answer back unchanged.
 //! 6. [`Proxy::log`]: the route's metrics and one access-log event.
 //!
@@ -43,7 +44,7 @@ use self::respond::{ProxyError, TokenFailure, error_response};
 use self::routes::{Route, RouteTable, check_path};
 use self::upstream::UpstreamBody;
 use crate::metrics::RouteMetrics;
-use crate::token::cache::Lease;
+use crate::token::cache::{Lease, Rejection};
 use crate::util::error_chain;
 
 /// What the proxy answers with: the upstream's streamed body, or a small body of its own.
@@ -258,7 +259,9 @@ pub(crate) async fn prepare_body(
 }
 
 /// Phase 4: sends the request with the lease's token; on a rejected-token 401 evicts the token
-/// and, when the body was kept (`kept`), replays once with a fresh one.
+/// (if the slot's eviction gate allows) and, when the body was kept (`kept`), replays once with
+/// a fresh one. While the gate holds a rejected token, the 401 goes back without a replay: the
+/// replay would carry the same token.
 pub(crate) async fn send_with_replay(
     route: &Route,
     parts: Parts,
@@ -273,9 +276,14 @@ pub(crate) async fn send_with_replay(
     let rejected = resp.status() == StatusCode::UNAUTHORIZED
         && (route.retry_on_401 || is_invalid_token_challenge(resp.headers()));
     if !rejected {
+        token_worked(route, &resp, &lease);
         return Ok(resp);
     }
-    route.slot.evict(&lease.token);
+    match route.slot.reject(&lease.token) {
+        Rejection::Held => return Ok(resp),
+        Rejection::Evicted => route.metrics.eviction(),
+        Rejection::Stale => {}
+    }
     let Some((parts, bytes)) = replay else {
         return Ok(resp);
     };
@@ -283,7 +291,17 @@ pub(crate) async fn send_with_replay(
     drop(resp);
     let fresh = route.slot.token().await.map_err(token_failure)?;
     ctx.replayed = true;
-    send(route, parts, Either::Right(Full::new(bytes)), &fresh).await
+    let resp = send(route, parts, Either::Right(Full::new(bytes)), &fresh).await?;
+    token_worked(route, &resp, &fresh);
+    Ok(resp)
+}
+
+/// A response below 400 means the upstream took the token: after an eviction that ends the
+/// streak of rejected tokens (docs/spec.md §3). One atomic load when no eviction is pending.
+fn token_worked<B>(route: &Route, resp: &Response<B>, lease: &Lease) {
+    if resp.status().as_u16() < 400 {
+        route.slot.accepted(&lease.token);
+    }
 }
 
 /// One exchange with the upstream, bounded by the route's timeout.

@@ -85,7 +85,7 @@ pub(crate) fn sign_tolerant(
         audience,
         new_jti(),
         now - back,
-        lifetime + Duration::from_secs(back),
+        lifetime.saturating_add(Duration::from_secs(back)),
     ))
 }
 

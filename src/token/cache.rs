@@ -6,13 +6,23 @@
 //! Each slot has exactly one refresher task, and only that task talks to the token endpoint.
 //! That gives single flight by construction (any number of waiting requests, one token request),
 //! refresh ahead (the refresher wakes at `refresh_due` while requests keep using the current
-//! token), and a bounded retry rate during an outage (it sleeps through the backoff). Requests
-//! only wait when no usable token exists and no fetch has failed since the last success (start-up,
-//! after an eviction); they wait for the refresher's result, bounded by the token request
-//! timeout. Once a fetch has failed, they fail fast with that error until one succeeds.
-//! The refresher runs in its own task, so an application that disconnects cannot cancel a fetch.
+//! token), and a bounded request rate during an outage: every attempt, first or retry, waits for
+//! the key's one retry schedule (`backoff`). Requests only wait when no usable token exists and
+//! the current round of attempts is not over (start-up, after an eviction); they wait for the
+//! refresher's result, bounded by the token request timeout. Once a round has failed they fail
+//! fast with its error until an attempt succeeds. The refresher runs in its own task, so an
+//! application that disconnects cannot cancel a fetch.
+//!
+//! Invariants:
+//! - a token the upstream rejected is dropped at most once per eviction-gate interval (`gate`);
+//!   inside the interval it stays cached and requests get the upstream's answer;
+//! - a refresher that panics or returns is restarted by its supervisor after
+//!   `retry_backoff_max` (capped at 5 minutes) and counted (`SlotStats::restarts`), so a key is
+//!   never silently left without a refresher while `/healthz` answers 200;
+//! - deadlines are computed with [`later`], never with a bare `+`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,19 +32,41 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::TokenConfig;
-use crate::token::backoff;
-use crate::token::client::{FetchError, FetchOutcome, TokenClient};
-use crate::token::{AccessToken, TokenKey};
+use crate::token::backoff::{self, RETRY_AFTER_CAP, RetryPolicy, RetryState};
+use crate::token::client::{AttemptError, FetchError, FetchOutcome, TokenClient, retry_policy};
+use crate::token::gate::EvictionGate;
+use crate::token::{AccessToken, TokenKey, later};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
-/// When to refresh a token and how long to send it.
+/// Where a refresher gets its tokens: the token endpoint in production, a scripted fake in the
+/// unit tests (which is how they make a refresher fail, hang or panic on demand).
+pub(crate) trait Fetch: Send + Sync + 'static {
+    /// One token request for `key`; the refresher bounds it in time.
+    fn attempt(
+        &self,
+        key: &TokenKey,
+    ) -> impl Future<Output = Result<AccessToken, AttemptError>> + Send;
+}
+
+impl Fetch for TokenClient {
+    fn attempt(
+        &self,
+        key: &TokenKey,
+    ) -> impl Future<Output = Result<AccessToken, AttemptError>> + Send {
+        TokenClient::attempt(self, key)
+    }
+}
+
+/// When to refresh a token, how long to send it, and how to retry.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Policy {
     pub(crate) refresh_at: f64,
     pub(crate) refresh_before_expiry: Duration,
     pub(crate) expiry_skew: Duration,
-    pub(crate) backoff_initial: Duration,
-    pub(crate) backoff_max: Duration,
+    /// The per-key retry schedule.
+    pub(crate) retry: RetryPolicy,
+    /// The eviction gate's first interval.
+    pub(crate) min_refetch_interval: Duration,
     /// How long a request waits for a token when none is usable.
     pub(crate) wait_timeout: Duration,
 }
@@ -45,17 +77,24 @@ impl Policy {
             refresh_at: cfg.refresh_at,
             refresh_before_expiry: cfg.refresh_before_expiry,
             expiry_skew: cfg.expiry_skew,
-            backoff_initial: cfg.retry_backoff_initial,
-            backoff_max: cfg.retry_backoff_max,
-            // The fetch itself is bounded by request_timeout; the margin covers scheduling.
-            wait_timeout: cfg.request_timeout + Duration::from_secs(1),
+            retry: retry_policy(cfg),
+            min_refetch_interval: cfg.min_refetch_interval,
+            // A round of attempts is bounded by request_timeout; the margin covers scheduling.
+            wait_timeout: cfg.request_timeout.saturating_add(Duration::from_secs(1)),
         }
+    }
+
+    /// How long a supervisor waits before restarting a refresher that stopped: the schedule's
+    /// longest pause, so a refresher that dies on every attempt still costs the server no more
+    /// than the schedule allows.
+    fn restart_pause(&self) -> Duration {
+        self.retry.max.min(RETRY_AFTER_CAP)
     }
 }
 
 #[cfg(test)]
 impl Policy {
-    /// A policy with the given schedule inputs and the default backoff and wait bounds.
+    /// A policy with the given schedule inputs and the default retry, gate and wait bounds.
     pub(crate) fn with_schedule(
         refresh_at: f64,
         refresh_before_expiry: Duration,
@@ -65,8 +104,13 @@ impl Policy {
             refresh_at,
             refresh_before_expiry,
             expiry_skew,
-            backoff_initial: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(1),
+            retry: RetryPolicy {
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(5),
+                max_attempts: 3,
+                request_timeout: Duration::from_secs(10),
+            },
+            min_refetch_interval: Duration::from_secs(10),
             wait_timeout: Duration::from_secs(11),
         }
     }
@@ -90,7 +134,7 @@ pub(crate) struct Schedule {
 /// lifetime so that a token shorter than twice the skew is still used for a while.
 pub(crate) fn schedule(lifetime: Duration, policy: &Policy) -> Schedule {
     let skew = policy.expiry_skew.min(lifetime / 2);
-    let usable_for = lifetime - skew;
+    let usable_for = lifetime.saturating_sub(skew);
     // NaN would slip through clamp and make mul_f64 panic; validation refuses it, this is belt
     // and braces for callers that build a Policy themselves.
     let fraction = if policy.refresh_at.is_nan() {
@@ -114,15 +158,19 @@ pub(crate) struct CachedToken {
     pub(crate) refresh_due: Instant,
     pub(crate) usable_until: Instant,
     pub(crate) expires_at: Instant,
+    /// Bumped for every token the slot stores; tells the eviction gate which tokens were
+    /// fetched after an eviction.
+    pub(crate) generation: u64,
 }
 
 impl CachedToken {
-    fn new(token: AccessToken, fetched_at: Instant, policy: &Policy) -> CachedToken {
+    fn new(token: AccessToken, fetched_at: Instant, generation: u64, policy: &Policy) -> Self {
         let s = schedule(token.lifetime, policy);
         CachedToken {
-            refresh_due: fetched_at + s.refresh_due,
-            usable_until: fetched_at + s.usable_for,
-            expires_at: fetched_at + token.lifetime,
+            refresh_due: later(fetched_at, s.refresh_due),
+            usable_until: later(fetched_at, s.usable_for),
+            expires_at: later(fetched_at, token.lifetime),
+            generation,
             token,
         }
     }
@@ -135,31 +183,48 @@ impl CachedToken {
 /// Why a request got no token.
 #[derive(Debug, Clone)]
 pub enum TokenError {
-    /// The last fetch failed and no usable token is cached.
+    /// The last round of attempts failed and no usable token is cached.
     Fetch {
         error: Arc<FetchError>,
         /// When the refresher tries again.
         retry_in: Duration,
     },
-    /// No fetch finished within the wait bound.
+    /// No attempt finished within the wait bound.
     Timeout(Duration),
+}
+
+/// What became of a token the upstream rejected (docs/spec.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rejection {
+    /// It was the cached token and the gate was open: dropped, the refresher fetches another.
+    Evicted,
+    /// It was the cached token but the gate is closed: it stays cached, the request gets the
+    /// upstream's answer.
+    Held,
+    /// It is no longer the cached token (another request already had it evicted, or a refresh
+    /// replaced it).
+    Stale,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    fetching: bool,
-    failures: u32,
-    retry_at: Option<Instant>,
+    retry: RetryState,
+    /// The error of the last failed round, until an attempt succeeds; requests without a usable
+    /// token fail fast with it.
     last_error: Option<Arc<FetchError>>,
+    gate: EvictionGate,
+    /// Generation of the last stored token.
+    generation: u64,
 }
 
-/// Counters for one slot, read by the metrics at scrape time. The only place fetches are
-/// counted: the metrics and the tests both read these.
+/// Counters for one slot, read by the metrics at scrape time. The only place token requests
+/// are counted: the metrics and the tests both read these.
 #[derive(Debug, Default)]
 pub struct SlotStats {
     hits: AtomicU64,
     misses: AtomicU64,
     refreshes: AtomicU64,
+    restarts: AtomicU64,
     /// Indexed by [`FetchOutcome`].
     fetches: [AtomicU64; FetchOutcome::ALL.len()],
 }
@@ -173,9 +238,13 @@ impl SlotStats {
     pub fn misses(&self) -> u64 {
         self.misses.load(Ordering::Relaxed)
     }
-    /// Fetches started while a token was cached.
+    /// Token requests started while a token was cached.
     pub fn refreshes(&self) -> u64 {
         self.refreshes.load(Ordering::Relaxed)
+    }
+    /// Times the slot's refresher stopped (a panic) and was started again.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
     }
     /// Token requests that ended with `outcome`.
     pub(crate) fn fetches(&self, outcome: FetchOutcome) -> u64 {
@@ -203,7 +272,10 @@ pub struct Slot {
     key: TokenKey,
     current: ArcSwapOption<CachedToken>,
     state: Mutex<State>,
-    /// Bumped after every fetch; waiting requests watch it.
+    /// Mirrors `state.gate.armed()` so that the hot path learns with one atomic load that no
+    /// eviction waits for its confirming success.
+    gate_armed: AtomicBool,
+    /// Bumped after every attempt; waiting requests watch it.
     updates: watch::Sender<u64>,
     /// Wakes the refresher early (after an eviction).
     wake: Notify,
@@ -225,6 +297,7 @@ impl Slot {
             key,
             current: ArcSwapOption::empty(),
             state: Mutex::new(State::default()),
+            gate_armed: AtomicBool::new(false),
             updates: watch::channel(0).0,
             wake: Notify::new(),
             policy,
@@ -268,7 +341,7 @@ impl Slot {
     }
 
     async fn wait_for_token(&self) -> Result<Arc<CachedToken>, TokenError> {
-        let deadline = Instant::now() + self.policy.wait_timeout;
+        let deadline = later(Instant::now(), self.policy.wait_timeout);
         loop {
             // Subscribe before looking, so an update between the look and the wait is not missed.
             let mut updates = self.updates.subscribe();
@@ -277,13 +350,14 @@ impl Slot {
                 return Ok(t);
             }
             {
-                // During an outage (the last fetch failed) fail fast with that error instead of
-                // queueing behind the refresher, whose next attempt may take the whole request
-                // timeout; the refresher keeps retrying on its own backoff.
+                // During an outage (the last round failed) fail fast with that error instead of
+                // queueing behind the refresher, whose next attempt may be seconds away; the
+                // refresher keeps retrying on its own schedule.
                 let st = self.state();
                 if let Some(error) = &st.last_error {
                     let retry_in = st
-                        .retry_at
+                        .retry
+                        .retry_at()
                         .map_or(Duration::ZERO, |r| r.saturating_duration_since(now));
                     return Err(TokenError::Fetch {
                         error: error.clone(),
@@ -300,28 +374,52 @@ impl Slot {
         }
     }
 
-    /// Drops `token` if it is still the cached one (the upstream said it is invalid) and has the
-    /// refresher fetch a new one.
-    pub(crate) fn evict(&self, token: &Arc<CachedToken>) {
-        let prev = self
+    /// The upstream rejected `token`. Drops it and has the refresher fetch another if it is
+    /// still the cached one and the eviction gate is open; keeps it if the gate is closed.
+    pub(crate) fn reject(&self, token: &Arc<CachedToken>) -> Rejection {
+        let mut st = self.state();
+        // Under the state lock, like every store of `current`: the check and the swap are one step.
+        let is_current = self
             .current
-            .compare_and_swap(&Some(token.clone()), None::<Arc<CachedToken>>);
-        if prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, token)) {
-            tracing::info!(key = %self.key, "token evicted after the upstream rejected it");
-            // Fetch now rather than after an earlier failure's backoff: the requests waiting
-            // for the replacement would otherwise fail with that stale error.
-            let mut st = self.state();
-            st.retry_at = None;
-            st.last_error = None;
-            drop(st);
-            self.wake.notify_one();
+            .load()
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, token));
+        if !is_current {
+            return Rejection::Stale;
+        }
+        let now = Instant::now();
+        if !st
+            .gate
+            .admit(self.policy.min_refetch_interval, now, token.generation)
+        {
+            return Rejection::Held;
+        }
+        self.current.store(None);
+        self.gate_armed.store(true, Ordering::Release);
+        drop(st);
+        tracing::info!(key = %self.key, "token evicted after the upstream rejected it; fetching another");
+        // The refresher fetches at once unless the retry schedule says the server needs a pause.
+        self.wake.notify_one();
+        Rejection::Evicted
+    }
+
+    /// A request succeeded with `token`: if it was fetched after the last eviction, the
+    /// rejections are over and the gate's interval starts again from its minimum. One atomic
+    /// load unless an eviction waits for this.
+    pub(crate) fn accepted(&self, token: &CachedToken) {
+        if !self.gate_armed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut st = self.state();
+        if st.gate.confirm(token.generation) {
+            self.gate_armed.store(false, Ordering::Release);
         }
     }
 
     /// Whether a usable token is cached, and if not, why.
     pub(crate) fn readiness(&self, now: Instant) -> Result<Duration, String> {
         if let Some(t) = self.usable(now) {
-            return Ok(t.usable_until - now);
+            return Ok(t.usable_until.saturating_duration_since(now));
         }
         let st = self.state();
         Err(match &st.last_error {
@@ -332,23 +430,23 @@ impl Slot {
 
     /// Whether the refresher's last attempt failed.
     pub fn is_failing(&self) -> bool {
-        self.state().failures > 0
+        self.state().retry.failures() > 0
     }
 
-    /// When the refresher should next fetch: pure in its inputs.
-    fn next_fetch_at(&self, now: Instant) -> Instant {
+    /// When the refresher should next ask: when the token is due (now, without one), but not
+    /// before the retry schedule allows.
+    fn next_attempt_at(&self, now: Instant) -> Instant {
         let due = self.current.load().as_ref().map_or(now, |t| t.refresh_due);
-        let st = self.state();
-        match st.retry_at {
-            Some(r) => due.max(r),
-            None => due,
-        }
+        self.state().retry.next_attempt(due)
     }
 
-    async fn refresh_loop(self: Arc<Self>, client: Arc<TokenClient>, fetch_duration: Histogram) {
+    /// The refresher: sleeps until the next attempt is due (or an eviction wakes it), makes
+    /// one bounded attempt, records it. Runs until aborted; a panic ends it and its supervisor
+    /// starts another.
+    async fn refresh_loop<F: Fetch>(self: Arc<Self>, fetcher: Arc<F>, fetch_duration: Histogram) {
         loop {
             let now = Instant::now();
-            let next = self.next_fetch_at(now);
+            let next = self.next_attempt_at(now);
             if next > now {
                 tokio::select! {
                     _ = tokio::time::sleep_until(next) => {}
@@ -356,59 +454,102 @@ impl Slot {
                 }
                 continue;
             }
-            self.state().fetching = true;
             if self.current.load().is_some() {
                 self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
             }
             let started = Instant::now();
-            let result = client.fetch(&self.key).await;
+            let deadline = self
+                .state()
+                .retry
+                .attempt_deadline(&self.policy.retry, started);
+            let result = match tokio::time::timeout_at(deadline, fetcher.attempt(&self.key)).await {
+                Ok(result) => result,
+                Err(_) => Err(FetchError::Timeout(self.policy.retry.request_timeout).into()),
+            };
             let outcome = match &result {
                 Ok(_) => FetchOutcome::Ok,
-                Err(e) => e.outcome(),
+                Err(e) => e.error.outcome(),
             };
             self.stats.fetches[outcome as usize].fetch_add(1, Ordering::Relaxed);
             fetch_duration.observe(started.elapsed().as_secs_f64());
-            {
-                let mut st = self.state();
-                st.fetching = false;
-                match result {
-                    Ok(token) => {
-                        let cached = CachedToken::new(token, started, &self.policy);
-                        tracing::info!(
-                            key = %self.key,
-                            lifetime = ?cached.token.lifetime,
-                            refresh_in = ?(cached.refresh_due - started),
-                            "token obtained"
-                        );
-                        self.current.store(Some(Arc::new(cached)));
-                        st.failures = 0;
-                        st.retry_at = None;
-                        st.last_error = None;
-                    }
-                    Err(error) => {
-                        st.failures = st.failures.saturating_add(1);
-                        let pause = backoff::delay(
-                            self.policy.backoff_initial,
-                            self.policy.backoff_max,
-                            st.failures,
-                            backoff::random_fraction(),
-                        );
-                        let still_usable = self.usable(Instant::now()).is_some();
-                        tracing::warn!(
-                            key = %self.key,
-                            error = %error,
-                            failures = st.failures,
-                            retry_in = ?pause,
-                            serving_cached_token = still_usable,
-                            "token request failed"
-                        );
-                        st.retry_at = Some(Instant::now() + pause);
-                        st.last_error = Some(Arc::new(error));
-                    }
-                }
-            }
+            self.record(result, started);
             self.updates.send_modify(|g| *g = g.wrapping_add(1));
         }
+    }
+
+    /// Stores an attempt's token, or advances the retry schedule with its failure.
+    fn record(&self, result: Result<AccessToken, AttemptError>, started: Instant) {
+        let mut st = self.state();
+        match result {
+            Ok(token) => {
+                st.generation = st.generation.saturating_add(1);
+                let cached = CachedToken::new(token, started, st.generation, &self.policy);
+                tracing::info!(
+                    key = %self.key,
+                    lifetime = ?cached.token.lifetime,
+                    refresh_in = ?cached.refresh_due.saturating_duration_since(started),
+                    "token obtained"
+                );
+                self.current.store(Some(Arc::new(cached)));
+                st.retry.on_success();
+                st.last_error = None;
+            }
+            Err(AttemptError { error, retry_after }) => {
+                let now = Instant::now();
+                let failure = st.retry.on_failure(
+                    &self.policy.retry,
+                    started,
+                    now,
+                    error.is_retryable(),
+                    retry_after,
+                    backoff::random_fraction(),
+                );
+                tracing::warn!(
+                    key = %self.key,
+                    error = %error,
+                    failures = st.retry.failures(),
+                    retry_in = ?failure.retry_at.saturating_duration_since(now),
+                    server_asked = ?retry_after,
+                    serving_cached_token = self.usable(now).is_some(),
+                    "token request failed"
+                );
+                if failure.report {
+                    st.last_error = Some(Arc::new(error));
+                }
+            }
+        }
+    }
+}
+
+/// Aborts the task when dropped: a supervisor that is itself aborted takes its refresher along.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keeps one refresher running for `slot`: when it panics (or returns, which it never should),
+/// logs, counts, waits [`Policy::restart_pause`] and starts another. Bounded: at most one
+/// restart per pause, forever, so a refresher that keeps failing is visible in
+/// `token_sidecar_refresher_restarts_total` and the logs instead of stopping in silence.
+async fn supervise<F: Fetch>(slot: Arc<Slot>, fetcher: Arc<F>, fetch_duration: Histogram) {
+    loop {
+        let mut task = AbortOnDrop(tokio::spawn(
+            slot.clone()
+                .refresh_loop(fetcher.clone(), fetch_duration.clone()),
+        ));
+        let how = match (&mut task.0).await {
+            Err(e) if e.is_panic() => "panicked",
+            _ => "ended",
+        };
+        slot.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        let pause = slot.policy.restart_pause();
+        // The panic message is not logged here: the panic hook already printed it, and a
+        // payload is free text that nothing checked for secrets.
+        tracing::error!(key = %slot.key, how, restart_in = ?pause, "token refresher stopped; restarting it");
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -418,7 +559,7 @@ impl Slot {
 pub(crate) struct CacheBuilder {
     policy: Policy,
     slots: Vec<Arc<Slot>>,
-    /// Duration of every fetch, retries included (exported by the metrics).
+    /// Duration of every token request (exported by the metrics).
     fetch_duration: Histogram,
 }
 
@@ -446,18 +587,19 @@ impl CacheBuilder {
         slot
     }
 
-    /// Starts one refresher per slot, each prefetching right away. Must be called inside a
-    /// Tokio runtime.
-    pub(crate) fn start(self, client: Arc<TokenClient>) -> TokenCache {
+    /// Starts one supervised refresher per slot, each prefetching right away. Must be called
+    /// inside a Tokio runtime.
+    pub(crate) fn start<F: Fetch>(self, fetcher: Arc<F>) -> TokenCache {
         let fetch_duration = self.fetch_duration;
         let tasks = self
             .slots
             .iter()
             .map(|s| {
-                tokio::spawn(
-                    s.clone()
-                        .refresh_loop(client.clone(), fetch_duration.clone()),
-                )
+                tokio::spawn(supervise(
+                    s.clone(),
+                    fetcher.clone(),
+                    fetch_duration.clone(),
+                ))
             })
             .collect();
         TokenCache {
@@ -467,7 +609,7 @@ impl CacheBuilder {
     }
 }
 
-/// All slots, and the refresher tasks that keep them filled. Dropping it stops the refreshers.
+/// All slots, and the supervised refreshers that keep them filled. Dropping it stops them.
 pub struct TokenCache {
     slots: Vec<Arc<Slot>>,
     tasks: Vec<JoinHandle<()>>,
@@ -495,6 +637,7 @@ impl TokenCache {
 
 impl Drop for TokenCache {
     fn drop(&mut self) {
+        // Aborting a supervisor drops its AbortOnDrop, which aborts the refresher.
         for t in &self.tasks {
             t.abort();
         }
@@ -557,5 +700,250 @@ mod tests {
                 assert!(s.usable_for < S(secs));
             }
         }
+    }
+
+    // The refresher, its supervisor, the retry schedule and the eviction gate, driven by a
+    // scripted token source on Tokio's paused clock: minutes of schedule in milliseconds.
+
+    use crate::token::ResponseError;
+    use std::sync::atomic::AtomicU32;
+
+    /// What the scripted source does on its n-th call (1-based) at a time since the start.
+    #[derive(Debug, Clone, Copy)]
+    enum Step {
+        /// A token with this lifetime.
+        Token(Duration),
+        /// HTTP 500, optionally with Retry-After.
+        Fail(Option<Duration>),
+        /// Panics inside the refresher.
+        Panic,
+    }
+
+    struct Script {
+        calls: AtomicU32,
+        started: Instant,
+        /// Start times of every call, offsets from `started`.
+        log: Mutex<Vec<Duration>>,
+        plan: Box<dyn Fn(u32, Duration) -> Step + Send + Sync>,
+    }
+
+    impl Script {
+        fn new(plan: impl Fn(u32, Duration) -> Step + Send + Sync + 'static) -> Arc<Script> {
+            Arc::new(Script {
+                calls: AtomicU32::new(0),
+                started: Instant::now(),
+                log: Mutex::new(Vec::new()),
+                plan: Box::new(plan),
+            })
+        }
+        fn calls(&self) -> u32 {
+            self.calls.load(Ordering::SeqCst)
+        }
+        fn calls_between(&self, from: Duration, to: Duration) -> usize {
+            let log = self.log.lock().unwrap();
+            log.iter().filter(|t| **t >= from && **t < to).count()
+        }
+    }
+
+    fn token(n: u32, lifetime: Duration) -> AccessToken {
+        let body = format!(r#"{{"access_token":"t-{n}","token_type":"Bearer","expires_in":300}}"#);
+        let mut t = crate::token::parse_response(
+            200,
+            Some("application/json"),
+            body.as_bytes(),
+            0,
+            Duration::from_secs(300),
+        )
+        .unwrap();
+        // Set directly: the parser caps lifetimes, the point here is what the cache does with
+        // one it did not cap.
+        t.lifetime = lifetime;
+        t
+    }
+
+    impl Fetch for Script {
+        fn attempt(
+            &self,
+            _key: &TokenKey,
+        ) -> impl Future<Output = Result<AccessToken, AttemptError>> + Send {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let at = self.started.elapsed();
+            self.log.lock().unwrap().push(at);
+            let step = (self.plan)(n, at);
+            async move {
+                match step {
+                    Step::Token(lifetime) => Ok(token(n, lifetime)),
+                    Step::Fail(retry_after) => Err(AttemptError {
+                        error: FetchError::Response(ResponseError::Status {
+                            status: 500,
+                            content_type: "text/html".into(),
+                        }),
+                        retry_after,
+                    }),
+                    Step::Panic => panic!("injected refresher panic"),
+                }
+            }
+        }
+    }
+
+    fn start(script: &Arc<Script>) -> (TokenCache, Arc<Slot>) {
+        let mut b = CacheBuilder::new(policy());
+        let slot = b.slot(TokenKey::new(&["s"], &["a"]));
+        (b.start(script.clone()), slot)
+    }
+
+    /// Requests, one per 20 ms, until `until` after the start; how many got a token.
+    async fn poll_tokens(slot: &Slot, until: Duration) -> usize {
+        let t0 = Instant::now();
+        let mut ok = 0;
+        while t0.elapsed() < until {
+            if slot.token().await.is_ok() {
+                ok += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ok
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresher_that_panics_is_restarted_and_counted() {
+        let script = Script::new(|n, _| match n {
+            1 => Step::Panic,
+            _ => Step::Token(S(3600)),
+        });
+        let (_cache, slot) = start(&script);
+        // The first attempt panics; the supervisor restarts the refresher after the capped
+        // pause (5 s), well within the request's wait bound (11 s).
+        let lease = slot
+            .token()
+            .await
+            .expect("a token from the restarted refresher");
+        assert!(!lease.cached);
+        assert_eq!(slot.stats.restarts(), 1);
+        assert_eq!(script.calls(), 2);
+        // The new refresher is a working one: an eviction makes it fetch again.
+        assert_eq!(slot.reject(&lease.token), Rejection::Evicted);
+        assert!(slot.token().await.is_ok());
+        assert_eq!(script.calls(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresher_survives_a_lifetime_that_overflows_instant() {
+        let script = Script::new(|_, _| Step::Token(Duration::MAX));
+        let (_cache, slot) = start(&script);
+        let lease = slot.token().await.expect("a token");
+        assert!(lease.token.is_usable(Instant::now() + S(86_400 * 365)));
+        assert_eq!(slot.stats.restarts(), 0, "no panic, nothing to restart");
+        assert!(slot.readiness(Instant::now()).is_ok());
+        assert!(slot.expires_in(Instant::now()).is_some());
+        assert_eq!(slot.reject(&lease.token), Rejection::Evicted);
+        assert!(slot.token().await.is_ok());
+        assert_eq!(script.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_costs_one_attempt_per_5_s_and_recovery_takes_at_most_5_s() {
+        // No token at all, 500s for 120 s, then tokens again.
+        let script = Script::new(|_, at| {
+            if at < S(120) {
+                Step::Fail(None)
+            } else {
+                Step::Token(S(3600))
+            }
+        });
+        let (_cache, slot) = start(&script);
+        let served = poll_tokens(&slot, S(119)).await;
+        assert_eq!(served, 0);
+        // From 30 s into the outage, one attempt per 5 s (+1 for where the window cuts).
+        let late = script.calls_between(S(30), S(120));
+        assert!(late <= 90 / 5 + 1, "{late} attempts in 90 s");
+        // The ramp before that: 200 ms doubling with jitter, then the phase-setting pause.
+        let early = script.calls_between(Duration::ZERO, S(30));
+        assert!(
+            early <= 6 + 30 / 5 + 1,
+            "{early} attempts in the first 30 s"
+        );
+        // The server is back at 120 s: a token within 5 s.
+        let t = Instant::now();
+        while slot.usable(Instant::now()).is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let back = (script.started + S(120)).max(t);
+        assert!(Instant::now() - back <= S(5), "{:?}", Instant::now() - back);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_honoured_and_requests_fail_fast_meanwhile() {
+        let script = Script::new(|n, _| match n {
+            1 => Step::Fail(Some(S(60))),
+            _ => Step::Token(S(3600)),
+        });
+        let (_cache, slot) = start(&script);
+        // The round ends at once (the next attempt is beyond request_timeout): 503 fast, with
+        // the server's minute as the retry hint.
+        match slot.token().await {
+            Err(TokenError::Fetch { retry_in, .. }) => {
+                // 60 s asked, plus up to retry_backoff_max (5 s) to spread a fleet.
+                assert!(retry_in >= S(59) && retry_in <= S(65), "{retry_in:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        tokio::time::sleep(S(59)).await;
+        assert_eq!(script.calls(), 1, "nothing before the minute is over");
+        tokio::time::sleep(S(7)).await;
+        assert_eq!(script.calls(), 2);
+        assert!(slot.token().await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejections_evict_at_most_once_per_gate_interval() {
+        let script = Script::new(|_, _| Step::Token(S(3600)));
+        let (_cache, slot) = start(&script);
+        let first = slot.token().await.unwrap().token;
+        assert_eq!(slot.reject(&first), Rejection::Evicted);
+        let second = slot.token().await.unwrap().token;
+        assert_eq!(second.generation, first.generation + 1);
+        // Another request that used the first token: not the cached one any more.
+        assert_eq!(slot.reject(&first), Rejection::Stale);
+        // The fresh token is rejected too, inside the 10 s: kept, served, no fetch.
+        assert_eq!(slot.reject(&second), Rejection::Held);
+        assert!(Arc::ptr_eq(&slot.token().await.unwrap().token, &second));
+        assert_eq!(script.calls(), 2);
+        // An upstream rejecting everything at 50 requests/s for 60 s: evictions at 0 (above),
+        // 10 and 30 s; the next would be at 70 s.
+        let t0 = Instant::now();
+        while t0.elapsed() < S(60) {
+            let lease = slot.token().await.unwrap();
+            slot.reject(&lease.token);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(script.calls(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_with_the_fresh_token_resets_the_gate_interval() {
+        let script = Script::new(|_, _| Step::Token(S(3600)));
+        let (_cache, slot) = start(&script);
+        let t0 = Instant::now();
+        let a = slot.token().await.unwrap().token;
+        assert_eq!(slot.reject(&a), Rejection::Evicted);
+        tokio::time::sleep(S(10)).await;
+        let b = slot.token().await.unwrap().token;
+        // b is rejected as well: the second eviction doubles the interval to 20 s …
+        assert_eq!(slot.reject(&b), Rejection::Evicted);
+        let c = slot.token().await.unwrap().token;
+        // … unless a request succeeds with the token fetched after it.
+        slot.accepted(&c);
+        tokio::time::sleep_until(t0 + S(30)).await;
+        assert_eq!(slot.reject(&c), Rejection::Evicted);
+        let d = slot.token().await.unwrap().token;
+        tokio::time::sleep_until(t0 + S(40)).await;
+        assert_eq!(
+            slot.reject(&d),
+            Rejection::Evicted,
+            "back to 10 s, not 40 s"
+        );
+        assert!(slot.token().await.is_ok());
+        assert_eq!(script.calls(), 5);
     }
 }

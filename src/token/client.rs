@@ -1,9 +1,10 @@
-//! The client side of the token endpoint: one `client_credentials` request per call, with the
-//! retry policy of docs/spec.md §2.
+//! The client side of the token endpoint: [`TokenClient::attempt`] is one `client_credentials`
+//! request; the cache schedules attempts with its per-key retry schedule (`backoff`), and
+//! [`TokenClient::fetch`] (the `token` command) runs the same schedule for one round.
 //!
-//! Each attempt signs a new assertion (a retried assertion would be refused as a replay), and the
-//! whole fetch, retries and pauses included, is bounded by `request_timeout`, so a caller waiting
-//! on it can never hang longer than that.
+//! Each attempt signs a new assertion (a retried assertion would be refused as a replay). A
+//! fetch, retries and pauses included, is bounded by `request_timeout`, so a caller waiting on
+//! it can never hang longer than that.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,9 +15,9 @@ use tokio::time::Instant;
 use crate::config::{AudienceParam, AuthMethod, TokenConfig};
 use crate::key::{KeyError, KeySource};
 use crate::secret::Secret;
-use crate::token::backoff;
-use crate::token::{AccessToken, ResponseError, TokenKey, parse_response};
-use crate::util::{redact_url, reqwest_error, unix_now};
+use crate::token::backoff::{self, RetryPolicy, RetryState};
+use crate::token::{AccessToken, ResponseError, TokenKey, parse_response, parse_retry_after};
+use crate::util::{self, MAX_FILE_BYTES, redact_url, reqwest_error, unix_now};
 
 /// RFC 7523 §2.2.
 pub(crate) const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -36,7 +37,23 @@ pub(crate) enum FetchError {
     Credentials(String),
 }
 
-/// How a token fetch ended, as counted (the `outcome` label of `token_sidecar_token_fetches_total`).
+/// A failed attempt, with the pause the server asked for (`Retry-After` on 429 and 503).
+#[derive(Debug)]
+pub(crate) struct AttemptError {
+    pub(crate) error: FetchError,
+    pub(crate) retry_after: Option<Duration>,
+}
+
+impl From<FetchError> for AttemptError {
+    fn from(error: FetchError) -> AttemptError {
+        AttemptError {
+            error,
+            retry_after: None,
+        }
+    }
+}
+
+/// How a token request ended, as counted (the `outcome` label of `token_sidecar_token_fetches_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FetchOutcome {
     Ok,
@@ -78,7 +95,8 @@ impl FetchError {
         }
     }
 
-    fn is_retryable(&self) -> bool {
+    /// Whether another attempt, unchanged, can succeed.
+    pub(crate) fn is_retryable(&self) -> bool {
         match self {
             FetchError::Response(r) => r.is_retryable(),
             FetchError::Transport(_) | FetchError::Timeout(_) | FetchError::TooLarge { .. } => true,
@@ -127,9 +145,15 @@ impl SecretSource {
     fn read(&self) -> Result<Secret<String>, FetchError> {
         match self {
             SecretSource::Inline(s) => Ok(s.clone()),
-            SecretSource::File(p) => std::fs::read_to_string(p)
-                .map(|s| Secret::new(s.trim_end_matches(['\r', '\n']).to_string()))
-                .map_err(|e| FetchError::Credentials(format!("cannot read {}: {e}", p.display()))),
+            SecretSource::File(p) => {
+                let bytes = util::read_bounded(p, MAX_FILE_BYTES).map_err(|e| {
+                    FetchError::Credentials(format!("cannot read {}: {e}", p.display()))
+                })?;
+                let text = std::str::from_utf8(&bytes).map_err(|_| {
+                    FetchError::Credentials(format!("{} is not UTF-8 text", p.display()))
+                })?;
+                Ok(Secret::new(text.trim_end_matches(['\r', '\n']).to_string()))
+            }
         }
     }
 }
@@ -142,9 +166,7 @@ pub(crate) struct TokenClient {
     auth: ClientAuth,
     audience_param: AudienceParam,
     extra_params: Vec<(String, String)>,
-    request_timeout: Duration,
-    max_attempts: u32,
-    backoff_initial: Duration,
+    retry: RetryPolicy,
     max_response_bytes: usize,
     default_ttl: Duration,
 }
@@ -179,7 +201,7 @@ impl TokenClient {
             .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")))
             .pool_idle_timeout(Duration::from_secs(60));
         if let Some(ca) = &cfg.ca_file {
-            let pem = std::fs::read(ca)
+            let pem = util::read_bounded(ca, MAX_FILE_BYTES)
                 .map_err(|e| ClientBuildError::Ca(format!("cannot read {}: {e}", ca.display())))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| ClientBuildError::Ca(format!("{}: {e}", ca.display())))?;
@@ -231,9 +253,7 @@ impl TokenClient {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            request_timeout: cfg.request_timeout,
-            max_attempts: cfg.max_attempts,
-            backoff_initial: cfg.retry_backoff_initial,
+            retry: retry_policy(cfg),
             max_response_bytes: cfg.max_response_bytes,
             default_ttl: cfg.default_token_ttl,
         })
@@ -247,37 +267,37 @@ impl TokenClient {
         }
     }
 
-    /// Gets one token for `key`, retrying what docs/spec.md §2 says is retryable, within `request_timeout`.
+    /// Gets one token for `key`: one round of the docs/spec.md §2 retry schedule (at most
+    /// `max_attempts` attempts, within `request_timeout`). For the `token` command; the cache
+    /// drives [`Self::attempt`] itself with the same schedule.
     pub(crate) async fn fetch(&self, key: &TokenKey) -> Result<AccessToken, FetchError> {
-        let deadline = Instant::now() + self.request_timeout;
-        let mut attempt = 1;
+        let mut schedule = RetryState::default();
         loop {
-            let outcome = tokio::time::timeout_at(deadline, self.attempt(key)).await;
-            let err = match outcome {
+            let started = Instant::now();
+            let deadline = schedule.attempt_deadline(&self.retry, started);
+            let err = match tokio::time::timeout_at(deadline, self.attempt(key)).await {
                 Ok(Ok(token)) => return Ok(token),
                 Ok(Err(e)) => e,
-                Err(_) => FetchError::Timeout(self.request_timeout),
+                Err(_) => FetchError::Timeout(self.retry.request_timeout).into(),
             };
-            let now = Instant::now();
-            if !err.is_retryable() || attempt >= self.max_attempts || now >= deadline {
-                return Err(err);
-            }
-            let pause = backoff::delay(
-                self.backoff_initial,
-                self.request_timeout,
-                attempt,
+            let failure = schedule.on_failure(
+                &self.retry,
+                started,
+                Instant::now(),
+                err.error.is_retryable(),
+                err.retry_after,
                 backoff::random_fraction(),
             );
-            tracing::debug!(%key, attempt, error = %err, ?pause, "token request failed; retrying");
-            if now + pause >= deadline {
-                return Err(err);
+            if failure.report {
+                return Err(err.error);
             }
-            tokio::time::sleep(pause).await;
-            attempt += 1;
+            tracing::debug!(%key, error = %err.error, "token request failed; retrying");
+            tokio::time::sleep_until(failure.retry_at).await;
         }
     }
 
-    async fn attempt(&self, key: &TokenKey) -> Result<AccessToken, FetchError> {
+    /// One token request, not retried and not bounded in time (callers bound it).
+    pub(crate) async fn attempt(&self, key: &TokenKey) -> Result<AccessToken, AttemptError> {
         let (request, body) = self.build_request(key)?;
         let response = request
             .header(
@@ -291,12 +311,22 @@ impl TokenClient {
             .map_err(|e| FetchError::Transport(reqwest_error(e)))?;
 
         let status = response.status().as_u16();
+        // RFC 6585 §4 and RFC 9110 §15.6.4: how long the server wants to be left alone.
+        let retry_after = match status {
+            429 | 503 => response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| parse_retry_after(v.as_bytes(), std::time::SystemTime::now())),
+            _ => None,
+        };
         let content_type = response
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = read_bounded(response, self.max_response_bytes).await?;
+        let body = read_bounded(response, self.max_response_bytes)
+            .await
+            .map_err(|error| AttemptError { error, retry_after })?;
         let result = parse_response(
             status,
             content_type.as_deref(),
@@ -310,7 +340,10 @@ impl TokenClient {
             }
             Err(e) => tracing::debug!(%key, status, error = %e, "token request refused"),
         }
-        Ok(result?)
+        result.map_err(|e| AttemptError {
+            error: e.into(),
+            retry_after,
+        })
     }
 
     /// The request and its form body, with a freshly signed assertion. Synchronous on purpose:
@@ -378,6 +411,16 @@ impl TokenClient {
     }
 }
 
+/// The schedule's bounds from `[token]`.
+pub(crate) fn retry_policy(cfg: &TokenConfig) -> RetryPolicy {
+    RetryPolicy {
+        initial: cfg.retry_backoff_initial,
+        max: cfg.retry_backoff_max,
+        max_attempts: cfg.max_attempts,
+        request_timeout: cfg.request_timeout,
+    }
+}
+
 async fn read_bounded(
     mut response: reqwest::Response,
     limit: usize,
@@ -397,4 +440,30 @@ async fn read_bounded(
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_secret_file_is_read_bounded_and_never_echoed() {
+        // An endless file (a wrong path) is cut off at the bound instead of exhausting memory.
+        let endless = SecretSource::File(PathBuf::from("/dev/zero")).read();
+        let Err(FetchError::Credentials(msg)) = endless else {
+            panic!("expected a credentials error")
+        };
+        assert!(msg.contains("larger than"), "{msg}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("secret");
+        std::fs::write(&at, b"s3cret\n").unwrap();
+        let secret = SecretSource::File(at.clone()).read().unwrap();
+        assert_eq!(secret.expose(), "s3cret");
+        std::fs::write(&at, [0xff, 0xfe, b's']).unwrap();
+        let Err(FetchError::Credentials(msg)) = SecretSource::File(at).read() else {
+            panic!("expected a credentials error")
+        };
+        assert!(msg.contains("not UTF-8"), "{msg}");
+    }
 }

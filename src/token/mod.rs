@@ -5,15 +5,34 @@
 //! - [`assertion`] — the RFC 7523 client assertion.
 //! - [`client`] — one `client_credentials` request with the retry policy (request building is
 //!   separate from sending).
-//! - [`cache`] — one slot per key, refreshed ahead of expiry by a single refresher per key.
-//! - [`backoff`] — exponential backoff with jitter, pure.
+//! - [`cache`] — one slot per key, refreshed ahead of expiry by a single, supervised refresher
+//!   per key.
+//! - [`backoff`] — the per-key retry schedule, a pure state machine.
+//! - [`gate`] — how often a token the upstream rejected may be refetched, pure.
+//!
+//! Invariant: every `Instant + Duration` here goes through [`later`], so no configured or
+//! server-sent duration can overflow a deadline and panic a refresher.
 
 pub(crate) mod assertion;
 pub(crate) mod backoff;
 pub(crate) mod cache;
 pub(crate) mod client;
+pub(crate) mod gate;
 #[cfg(test)]
 mod props;
 pub(crate) mod response;
+#[cfg(test)]
+mod sim;
+
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 pub(crate) use response::*;
+
+/// `t + d`, saturating: a sum that would overflow becomes a moment about 30 years on, which is
+/// "never" for a running process (Tokio's own far-future timers use the same horizon).
+pub(crate) fn later(t: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+    t.checked_add(d).or_else(|| t.checked_add(FAR)).unwrap_or(t)
+}

@@ -424,48 +424,64 @@ fn fraction() -> impl Strategy<Value = f64> {
 proptest! {
     #![proptest_config(cases(1024))]
 
-    /// Any durations (up to Duration::MAX), failure counts and random inputs (NaN, ±∞,
-    /// negative, > 1): no panic, and never below half the first pause.
+    /// Any durations (up to Duration::MAX), failure counts, Retry-After values and random
+    /// inputs (NaN, ±∞, negative, > 1): no panic.
     #[test]
-    fn backoff_never_panics(
+    fn pause_never_panics(
+        initial in duration(),
+        max in duration(),
+        failures in prop_oneof![0u32..40, any::<u32>()],
+        retry_after in prop::option::of(duration()),
+        random in fraction(),
+    ) {
+        let _ = backoff::pause(initial, max, failures, retry_after, random);
+    }
+
+    /// Without Retry-After a pause never exceeds `max`, for any durations at all (so a key
+    /// recovers at most `max` after the server comes back).
+    #[test]
+    fn pause_never_exceeds_max_without_retry_after(
         initial in duration(),
         max in duration(),
         failures in prop_oneof![0u32..40, any::<u32>()],
         random in fraction(),
     ) {
-        let d = backoff::delay(initial, max, failures, random);
-        prop_assert!(d >= initial.min(max) / 2, "delay {:?} < half of {:?}", d, initial.min(max));
+        let d = backoff::pause(initial, max, failures, None, random);
+        prop_assert!(d <= max, "pause {:?} > max {:?}", d, max);
     }
 
-    /// For durations up to ~104 days (2^53 ns, where f64 seconds still resolve nanoseconds):
-    /// the pause is within [min(initial, max) / 2, max].
+    /// Retry-After is honoured up to 5 minutes, and adds at most `max` of the schedule's own.
     #[test]
-    fn backoff_stays_within_bounds(
-        initial in prop_oneof![(0u64..=1 << 53).prop_map(Duration::from_nanos), (0u64..100_000).prop_map(Duration::from_millis)],
-        max in prop_oneof![(0u64..=1 << 53).prop_map(Duration::from_nanos), (0u64..100_000).prop_map(Duration::from_millis)],
-        failures in prop_oneof![0u32..40, any::<u32>()],
-        random in fraction(),
-    ) {
-        let d = backoff::delay(initial, max, failures, random);
-        prop_assert!(d <= max, "delay {:?} > max {:?}", d, max);
-        prop_assert!(d >= initial.min(max) / 2, "delay {:?} < half of {:?}", d, initial.min(max));
-    }
-
-    /// The same bound for any durations at all.
-    #[test]
-    fn backoff_never_exceeds_max_for_any_duration(
+    fn pause_honours_retry_after_up_to_five_minutes(
         initial in duration(),
         max in duration(),
         failures in prop_oneof![0u32..40, any::<u32>()],
+        asked in duration(),
         random in fraction(),
     ) {
-        let d = backoff::delay(initial, max, failures, random);
-        prop_assert!(d <= max, "delay {:?} > max {:?}", d, max);
+        let d = backoff::pause(initial, max, failures, Some(asked), random);
+        let honoured = asked.min(backoff::RETRY_AFTER_CAP);
+        prop_assert!(d >= honoured, "pause {:?} < asked {:?}", d, honoured);
+        prop_assert!(d <= honoured.saturating_add(max), "pause {:?} > asked + max", d);
+    }
+
+    /// Once the pause before was already capped, every pause is exactly `max`: the long-run
+    /// rate per key is one request per `max`, whatever the random fraction.
+    #[test]
+    fn pause_is_exactly_max_after_the_first_capped_one(
+        initial in prop_oneof![(1u64..100_000).prop_map(Duration::from_millis), duration()],
+        max in prop_oneof![(1u64..100_000).prop_map(Duration::from_millis), duration()],
+        failures in 2u32..64,
+        random in fraction(),
+    ) {
+        let previous_base = initial.saturating_mul(1u32 << (failures - 2).min(30));
+        prop_assume!(previous_base >= max);
+        prop_assert_eq!(backoff::pause(initial, max, failures, None, random), max);
     }
 
     /// Jitter is monotonic in the random fraction for a fixed attempt.
     #[test]
-    fn backoff_grows_with_the_random_fraction(
+    fn pause_grows_with_the_random_fraction(
         initial in duration(),
         max in duration(),
         failures in 0u32..40,
@@ -473,7 +489,50 @@ proptest! {
         b in 0.0f64..=1.0,
     ) {
         let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-        prop_assert!(backoff::delay(initial, max, failures, lo) <= backoff::delay(initial, max, failures, hi));
+        prop_assert!(backoff::pause(initial, max, failures, None, lo) <= backoff::pause(initial, max, failures, None, hi));
+    }
+
+    /// The retry state machine under any sequence of outcomes: the next attempt is never in the
+    /// past, a reported round stays reported until a success, and no round waits longer than
+    /// `request_timeout` or more than `max_attempts` failures.
+    #[test]
+    fn retry_state_keeps_its_invariants(
+        steps in prop::collection::vec((any::<bool>(), any::<bool>(), prop::option::of(0u64..600), 0.0f64..=1.0, 0u64..20_000), 1..60),
+        max_attempts in 1u32..6,
+    ) {
+        let p = backoff::RetryPolicy {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(5),
+            max_attempts,
+            request_timeout: Duration::from_secs(10),
+        };
+        let t0 = tokio::time::Instant::now();
+        let mut now = t0;
+        let mut s = backoff::RetryState::default();
+        let mut reported = false;
+        let mut round: Option<(tokio::time::Instant, u32)> = None;
+        for (success, retryable, retry_after, random, took_ms) in steps {
+            let started = s.next_attempt(now);
+            prop_assert!(s.attempt_deadline(&p, started) > started);
+            now = started + Duration::from_millis(took_ms).min(s.attempt_deadline(&p, started) - started);
+            if success {
+                s.on_success();
+                reported = false;
+                round = None;
+                continue;
+            }
+            let f = s.on_failure(&p, started, now, retryable, retry_after.map(Duration::from_secs), random);
+            prop_assert!(f.retry_at >= now);
+            let r = round.get_or_insert((started, 0));
+            r.1 += 1;
+            if reported {
+                prop_assert!(f.report, "a reported round stays reported");
+            }
+            if r.1 >= max_attempts || !retryable || retry_after.is_some() || f.retry_at >= r.0 + p.request_timeout {
+                prop_assert!(f.report);
+            }
+            reported = f.report;
+        }
     }
 
     /// For any lifetime the parser can produce (1 ms .. MAX_LIFETIME) and any policy the config

@@ -308,6 +308,18 @@ fn json_error_class(e: &serde_json::Error) -> &'static str {
     }
 }
 
+/// RFC 9110 §10.2.3 `Retry-After`, delta-seconds or an HTTP-date, as a pause from `now`.
+/// `None` when it is neither; a date in the past is no pause. Capping is the schedule's job
+/// (`backoff::RETRY_AFTER_CAP`); a number too large for `u64` is the largest pause.
+pub(crate) fn parse_retry_after(value: &[u8], now: std::time::SystemTime) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(text.parse().unwrap_or(u64::MAX)));
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
 /// Server-provided text goes into logs and responses: keep it short and printable.
 pub(crate) fn sanitize(s: &str, max: usize) -> String {
     let mut out: String = s.chars().filter(|c| !c.is_control()).take(max).collect();
@@ -440,5 +452,38 @@ mod tests {
         assert!(!err.to_string().contains("SECRETSECRET"), "{err}");
         let err = ok(r#"{"access_token":"SECRETSECRET","token_type":"mac"}"#).unwrap_err();
         assert!(!err.to_string().contains("SECRETSECRET"), "{err}");
+    }
+
+    #[test]
+    fn retry_after_is_delta_seconds_or_an_http_date() {
+        use std::time::{Duration as D, SystemTime, UNIX_EPOCH};
+        // Sun, 06 Nov 1994 08:49:37 GMT (RFC 9110's example) is 784111777.
+        let now = UNIX_EPOCH + D::from_secs(784_111_777 - 90);
+        assert_eq!(parse_retry_after(b"120", now), Some(D::from_secs(120)));
+        assert_eq!(parse_retry_after(b" 0 ", now), Some(D::ZERO));
+        assert_eq!(
+            parse_retry_after(b"99999999999999999999999", now),
+            Some(D::from_secs(u64::MAX))
+        );
+        assert_eq!(
+            parse_retry_after(b"Sun, 06 Nov 1994 08:49:37 GMT", now),
+            Some(D::from_secs(90))
+        );
+        let later = now + D::from_secs(1000);
+        assert_eq!(
+            parse_retry_after(b"Sun, 06 Nov 1994 08:49:37 GMT", later),
+            Some(D::ZERO),
+            "a date in the past"
+        );
+        for junk in [
+            &b""[..],
+            b"-5",
+            b"1.5",
+            b"soon",
+            b"\xff\xfe",
+            b"Sun, 06 Nov 1994",
+        ] {
+            assert_eq!(parse_retry_after(junk, SystemTime::now()), None, "{junk:?}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! docs/reliability.md §1 and docs/spec.md §5: the token endpoint failing. With a usable cached token requests keep succeeding;
-//! without one they fail fast with 503 `token_unavailable`, never hang.
+//! without one they fail fast with 503 `token_unavailable`, never hang. What an outage costs
+//! the server: one request per key per 5 s once it has lasted 30 s, `Retry-After` honoured.
 
 use std::time::Duration;
 
@@ -259,5 +260,121 @@ async fn jti_known_is_retried_with_a_fresh_assertion() {
         })
         .collect();
     assert_eq!(jtis.len(), 3, "every attempt signs a new assertion");
+    sc.stop().await;
+}
+
+/// Docs/reliability.md §1, the server's side: no token and an endpoint answering 500 for 40 s.
+/// Once the outage has lasted 30 s the key asks once per 5 s (the default
+/// `retry_backoff_max`), and it has its token within 5 s of the endpoint coming back.
+#[tokio::test]
+async fn an_outage_costs_one_token_request_per_5_s_and_a_key_is_back_within_5_s() {
+    let idp = FakeTokenEndpoint::start(Mode::Status500).await;
+    let up = Upstream::start().await;
+    let sc = Running::start(orders_config(&idp.token_url(), &up.url(), |_| {})).await;
+    let t0 = Instant::now();
+    let client = http_client();
+    // Requests meanwhile fail fast and never reach the token endpoint themselves.
+    let mut n = 0;
+    while t0.elapsed() < Duration::from_secs(30) {
+        let resp = client.get(sc.url("/orders/x")).send().await.unwrap();
+        assert_eq!(resp.status(), 503);
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let at_30 = idp.requests();
+    // The ramp (200 ms doubling, then the phase-setting pause), then every 5 s.
+    assert!(at_30 <= 6 + 30 / 5 + 1, "{at_30} token requests in 30 s");
+    tokio::time::sleep_until(t0 + Duration::from_secs(40)).await;
+    let settled = idp.requests() - at_30;
+    assert!(
+        settled <= 10 / 5 + 1,
+        "{settled} token requests between 30 and 40 s ({n} application requests)"
+    );
+
+    idp.set_mode(Mode::Issue(Duration::from_secs(300)));
+    let back = Instant::now();
+    loop {
+        let resp = client.get(sc.url("/orders/x")).send().await.unwrap();
+        if resp.status() == 200 {
+            break;
+        }
+        // 5 s is the promise; the margin is this loop's polling and the attempt itself.
+        assert!(
+            back.elapsed() < Duration::from_millis(5300),
+            "no token {:?} after the endpoint came back",
+            back.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sc.stop().await;
+}
+
+/// `Retry-After` on 429 (delta-seconds) and 503 (HTTP-date) holds the next token request back
+/// for at least that long; the application's 503 passes the wait on in its own Retry-After.
+#[tokio::test]
+async fn retry_after_on_429_and_503_is_honoured() {
+    let idp = FakeTokenEndpoint::start(Mode::Throttle {
+        status: 429,
+        after: 3,
+        as_date: false,
+    })
+    .await;
+    let up = Upstream::start().await;
+    let sc = Running::start(orders_config(&idp.token_url(), &up.url(), |_| {})).await;
+    let client = http_client();
+    let resp = client.get(sc.url("/orders/x")).send().await.unwrap();
+    let first = Instant::now();
+    assert_eq!(resp.status(), 503);
+    let hint: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(hint >= 3, "Retry-After {hint} passed on to the application");
+    assert_eq!(idp.requests(), 1);
+    tokio::time::sleep(Duration::from_millis(2800)).await;
+    assert_eq!(
+        idp.requests(),
+        1,
+        "nothing within the 3 s the server asked for"
+    );
+
+    // The next answer asks for 4 s as an HTTP-date (whole seconds: at least 3 s from now).
+    idp.set_mode(Mode::Throttle {
+        status: 503,
+        after: 4,
+        as_date: true,
+    });
+    let deadline = first + Duration::from_secs(3 + 5 + 1);
+    while idp.requests() < 2 {
+        assert!(Instant::now() < deadline, "the second request never came");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2800)).await;
+    assert_eq!(
+        idp.requests(),
+        2,
+        "nothing within the 3–4 s of the HTTP-date"
+    );
+
+    idp.set_mode(Mode::Issue(Duration::from_secs(300)));
+    let deadline = Instant::now() + Duration::from_secs(4 + 5 + 1);
+    loop {
+        if client
+            .get(sc.url("/orders/x"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no token after the throttling ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     sc.stop().await;
 }

@@ -16,6 +16,7 @@ mod cli;
 mod core;
 mod dev;
 mod dev_layering;
+mod evictions;
 mod faults;
 mod hostile;
 mod limits;

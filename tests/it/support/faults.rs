@@ -29,6 +29,13 @@ pub enum Mode {
     Garbage,
     /// Answers 400/401 with this RFC 6749 error code.
     Reject(&'static str),
+    /// Answers `status` (429, 503) with `Retry-After` `after` seconds from the moment of the
+    /// answer: as delta-seconds, or as an HTTP-date when `as_date`.
+    Throttle {
+        status: u16,
+        after: u64,
+        as_date: bool,
+    },
 }
 
 struct Shared {
@@ -152,7 +159,7 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>>
         .unwrap()
         .push(String::from_utf8_lossy(&body).into_owned());
     let mode = s.mode.lock().unwrap().clone();
-    let (status, ct, body) = match mode {
+    let (status, ct, body) = match mode.clone() {
         Mode::Issue(ttl) => {
             let n = s.issued.fetch_add(1, Ordering::SeqCst) + 1;
             // Long and random, like real tokens, so a leak in a log is unambiguous.
@@ -182,6 +189,11 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>>
             unreachable!()
         }
         Mode::Garbage => (StatusCode::OK, "application/json", "{\"access_tok".into()),
+        Mode::Throttle { status, .. } => (
+            StatusCode::from_u16(status).unwrap(),
+            "text/plain",
+            "slow down".into(),
+        ),
         Mode::Reject(code) => (
             if code == "invalid_client" {
                 StatusCode::UNAUTHORIZED
@@ -193,8 +205,26 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>>
                 .to_string(),
         ),
     };
+    let retry_after = match mode {
+        Mode::Throttle {
+            after,
+            as_date: false,
+            ..
+        } => Some(after.to_string()),
+        Mode::Throttle {
+            after,
+            as_date: true,
+            ..
+        } => Some(httpdate::fmt_http_date(
+            std::time::SystemTime::now() + Duration::from_secs(after),
+        )),
+        _ => None,
+    };
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
+    if let Some(v) = retry_after {
+        r.headers_mut().insert("retry-after", v.parse().unwrap());
+    }
     r.headers_mut().insert("content-type", ct.parse().unwrap());
     r
 }
