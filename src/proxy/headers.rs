@@ -80,6 +80,12 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Marks a request whose HTTP/1 head carried both `Content-Length` and `Transfer-Encoding`.
+/// hyper removes `Content-Length` from such a request, so the server layer, which sees the
+/// head's bytes, sets this (`server::framing`) and phase 1 refuses the request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FramingConflict;
+
 /// Whether the request's `Transfer-Encoding`, all its lines together, is absent or exactly one
 /// `chunked` coding (case-insensitive). hyper frames a body by the last coding only; a coding
 /// before it (`gzip, chunked`) would be dropped with the header on the way upstream, so the

@@ -1,8 +1,8 @@
 //! The request path, top to bottom (docs/spec.md §4–§5). Each downstream request goes through
 //! these phases, one function each, sharing one per-request context ([`Ctx`]):
 //!
-//! 1. [`Proxy::route`]: refuse `CONNECT` and `TRACE`, transfer codings other than `chunked`,
-//!    paths with dot segments in any spelling, and cross-site web pages; then pick the route
+//! 1. [`Proxy::route`]: refuse `CONNECT` and `TRACE`, transfer codings other than `chunked`
+//!    and `Content-Length` with `Transfer-Encoding`, paths with dot segments in any spelling, and cross-site web pages; then pick the route
 //!    (dedicated port, else host and longest path prefix), answering only hosts that are local
 //!    or named by a host route. Nothing is forwarded without a route.
 //! 2. [`token`]: take the route's cached token; wait for the refresher only when none is
@@ -42,7 +42,8 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 
 use self::headers::{
-    cross_site, is_invalid_token_challenge, strip_hop_by_hop, transfer_encoding_is_plain_chunked,
+    FramingConflict, cross_site, is_invalid_token_challenge, strip_hop_by_hop,
+    transfer_encoding_is_plain_chunked,
 };
 use self::respond::{ERROR_HEADER, ProxyError, TokenFailure, error_response};
 use self::routes::{HostSource, Miss, RequestHost, Route, RouteTable, check_path};
@@ -207,6 +208,11 @@ impl Proxy {
         if req.method() == Method::CONNECT || req.method() == Method::TRACE {
             // TRACE would have an echoing upstream reflect the bearer token to the caller.
             return Err(ProxyError::MethodNotAllowed(req.method().to_string()));
+        }
+        if req.extensions().get::<FramingConflict>().is_some() {
+            return Err(ProxyError::BadFraming(
+                "Content-Length together with Transfer-Encoding is refused",
+            ));
         }
         if !transfer_encoding_is_plain_chunked(req.headers()) {
             return Err(ProxyError::BadFraming(

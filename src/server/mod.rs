@@ -10,6 +10,7 @@
 pub(crate) mod accept;
 pub(crate) mod admin;
 pub(crate) mod conn;
+pub(crate) mod framing;
 
 use std::future::Future;
 use std::net::SocketAddr;
