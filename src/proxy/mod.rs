@@ -1,10 +1,11 @@
 //! The request path, top to bottom (docs/spec.md §4–§5). Each downstream request goes through
 //! these phases, one function each, sharing one per-request context ([`Ctx`]):
 //!
-//! 1. [`Proxy::route`]: refuse `CONNECT` and `TRACE`, transfer codings other than `chunked`
-//!    and `Content-Length` with `Transfer-Encoding`, paths with dot segments in any spelling, and cross-site web pages; then pick the route
-//!    (dedicated port, else host and longest path prefix), answering only hosts that are local
-//!    or named by a host route. Nothing is forwarded without a route.
+//! 1. [`Proxy::route`]: refuse transfer codings other than `chunked` and `Content-Length` with
+//!    `Transfer-Encoding`, `CONNECT` and `TRACE`, paths with dot segments in any spelling, and
+//!    cross-site web pages; then pick the route (dedicated port, else host and longest path
+//!    prefix), answering only hosts that are local or named by a host route. Nothing is
+//!    forwarded without a route.
 //! 2. [`token`]: take the route's cached token; wait for the refresher only when none is
 //!    usable. No token, no forwarding.
 //! 3. [`upstream_request`]: rewrite the URI onto the upstream, drop hop-by-hop headers, set
@@ -192,8 +193,8 @@ impl Proxy {
     }
 
     /// Phase 1: the route for a request, or why there is none. Checks, in order, on every
-    /// listener: the Host header's form, the method (`CONNECT`, `TRACE`), body framing, the path,
-    /// cross-site web pages; then the route (docs/spec.md §4, §5).
+    /// listener: body framing, the Host header's form, the method (`CONNECT`, `TRACE`), the
+    /// path, cross-site web pages; then the route (docs/spec.md §4, §5).
     pub fn route<'a, B>(
         &'a self,
         listener: Listener,
@@ -204,11 +205,8 @@ impl Proxy {
         if let (Some(access), Ok(h)) = (&mut ctx.access, &host) {
             access.host = h.value.map(str::to_owned);
         }
-        let host = host?;
-        if req.method() == Method::CONNECT || req.method() == Method::TRACE {
-            // TRACE would have an echoing upstream reflect the bearer token to the caller.
-            return Err(ProxyError::MethodNotAllowed(req.method().to_string()));
-        }
+        // Framing first: its refusal is the one that must close the connection, whatever else
+        // is wrong with the request.
         if req.extensions().get::<FramingConflict>().is_some() {
             return Err(ProxyError::BadFraming(
                 "Content-Length together with Transfer-Encoding is refused",
@@ -218,6 +216,11 @@ impl Proxy {
             return Err(ProxyError::BadFraming(
                 "Transfer-Encoding other than exactly \"chunked\" is not supported",
             ));
+        }
+        let host = host?;
+        if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+            // TRACE would have an echoing upstream reflect the bearer token to the caller.
+            return Err(ProxyError::MethodNotAllowed(req.method().to_string()));
         }
         check_path(req.uri().path()).map_err(ProxyError::BadRequest)?;
         if let Some(why) = cross_site(req.headers(), host.value, &self.table.local) {

@@ -1,8 +1,8 @@
-//! Property tests for route matching, path checking and upstream URI rewriting (docs/spec.md
-//! §4 routing, §5 refusals; docs/reliability.md §5 "no open proxy" and §6 "bad input from every
-//! side"): arbitrary hosts and paths. None of them may panic; a match is the best one, an
-//! accepted path stays under the upstream's base path, and dot segments in any spelling are
-//! refused.
+//! Property tests for route matching, the host rule, path checking and upstream URI rewriting
+//! (docs/spec.md §4 routing, §5 refusals; docs/reliability.md §5 "no open proxy" and §6 "bad
+//! input from every side"): arbitrary hosts and paths. None of them may panic; a match is the
+//! best one, a foreign host never reaches a path route, an accepted path stays under the
+//! upstream's base path, and dot segments in any spelling are refused.
 //!
 //! Case counts are modest so the module runs in a few seconds on a small shared machine;
 //! failures are not persisted (no regression files are written into the tree). Strategies are

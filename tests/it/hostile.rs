@@ -678,6 +678,15 @@ async fn transfer_codings_other_than_chunked_are_400_and_close_the_connection() 
                 assert!(lower.contains("connection: close"), "{te:?}: {text}");
             }
         }
+        // The framing refusal wins over every other one, so the connection is always closed.
+        let req = format!(
+            "TRACE /api/../x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\
+Transfer-Encoding: gzip, chunked\r\n\r\n{body_then_next}"
+        );
+        let (text, closed) = exchange_to_close(s.sc.addr, req.as_bytes()).await;
+        assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+        assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+        assert!(closed, "the connection stayed open");
         settle().await;
         assert_eq!(s.up.count(), 0, "{:?}", s.up.received());
         // Plain `chunked`, in any case, still streams through.
