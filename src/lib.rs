@@ -15,8 +15,8 @@
 //!   its supervised refreshers, the per-key retry schedule, the eviction gate.
 //! - `proxy/` — the request path as named phase functions, routes, header rules, the upstream
 //!   pool, and the one place errors become responses.
-//! - `server/` — listeners, the one accept loop, the per-connection watchdog, the admin
-//!   endpoints, graceful shutdown.
+//! - `server/` — listeners, the one accept loop, the per-connection watchdog, the scan of
+//!   request heads for conflicting framing, the admin endpoints, graceful shutdown.
 //! - `metrics` — Prometheus metrics; reads the token cache at scrape time, read by the server.
 //! - `dev/` (cargo feature `dev`, on by default) — `token-sidecar dev`: the strict development
 //!   authorization server and the echo upstream.

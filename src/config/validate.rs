@@ -30,6 +30,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
         self.validate_proxy(&mut p);
+        self.validate_allowed_hosts(&mut p);
         self.validate_token(&mut p);
         self.validate_routes(&mut p);
         p.0.extend(super::bounds::problems(self));
@@ -59,6 +60,19 @@ impl Config {
         }
         if self.admin.listen == px.listen && px.listen.port() != 0 {
             p.add("admin.listen", "must differ from proxy.listen");
+        }
+    }
+
+    /// `proxy.allowed_hosts`: names compared with a request's host (docs/spec.md §4), so each
+    /// must be something a Host header can say: a name or IP literal, optionally `:port`.
+    fn validate_allowed_hosts(&self, p: &mut Problems) {
+        for (i, h) in self.proxy.allowed_hosts.iter().enumerate() {
+            if !is_host_entry(h) {
+                p.add(
+                    format!("proxy.allowed_hosts[{i}]"),
+                    "must be a host name or IP literal ([v6] in brackets), optionally with :port; no scheme, path, wildcard or whitespace",
+                );
+            }
         }
     }
 
@@ -321,6 +335,38 @@ fn is_scope_token(s: &str) -> bool {
             .all(|b| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b))
 }
 
+/// `name[:port]` or `[v6][:port]`, as a Host header carries it; the port is 1–65535.
+fn is_host_entry(s: &str) -> bool {
+    let (name, port) = match s.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, after))
+                if !v6.is_empty()
+                    && v6
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') =>
+            {
+                (None, after)
+            }
+            _ => return false,
+        },
+        None => match s.split_once(':') {
+            Some((name, _)) => (Some(name), &s[name.len()..]),
+            None => (Some(s), ""),
+        },
+    };
+    let name_ok = name.is_none_or(|n| {
+        !n.is_empty()
+            && !n.starts_with('.')
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    });
+    let port_ok = port.is_empty()
+        || port.strip_prefix(':').is_some_and(|p| {
+            p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+    name_ok && port_ok
+}
+
 fn check_readable(p: &mut Problems, key: &str, path: &Path) {
     if let Err(e) = std::fs::metadata(path) {
         p.add(key, format!("cannot read {}: {e}", path.display()));
@@ -515,6 +561,40 @@ upstream = "https://x.example.com"
                 "{value}: {keys:?}"
             );
         }
+    }
+
+    #[test]
+    fn allowed_hosts_are_host_names() {
+        for good in [
+            "client.internal",
+            "Client.Internal:8080",
+            "10.0.0.7",
+            "[fd00::1]:443",
+            "[::1]",
+            "svc.ns.svc.cluster.local.",
+        ] {
+            assert!(is_host_entry(good), "{good}");
+        }
+        for bad in [
+            "",
+            "http://client.internal",
+            "client.internal/",
+            "*.internal",
+            "a b",
+            "client.internal:",
+            "client.internal:0",
+            "client.internal:70000",
+            "client.internal:80:80",
+            "[::1",
+            "[]:80",
+            ".internal",
+        ] {
+            assert!(!is_host_entry(bad), "{bad}");
+        }
+        let text = "[proxy]\nallowed_hosts = [\"ok.internal\", \"http://x\"]\n[token]\ntoken_url = \"https://idp.example.com/t\"\nclient_id = \"c\"\nauth_method = \"client_secret_post\"\nclient_secret = \"s\"\n[[route]]\nname = \"a\"\npath_prefix = \"/a/\"\nupstream = \"https://a.example.com\"\n";
+        let err = from_toml_str(text).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["proxy.allowed_hosts[1]"]);
     }
 
     #[test]

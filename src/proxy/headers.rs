@@ -1,12 +1,19 @@
-//! Header rules of the request path: which headers belong to one hop only, and whether an
-//! upstream's 401 says the token itself was refused. Pure functions, no allocation in the common
-//! case.
+//! Header rules of the request path (docs/spec.md §4–§5): which headers belong to one hop only,
+//! whether an upstream's 401 says the token itself was refused, whether a request comes from a
+//! cross-site web page, and whether its body framing is one the sidecar forwards faithfully.
+//! Pure functions over a header map, no allocation in the common case.
+//!
+//! Header values are read as bytes, never through `to_str`: a value with one non-ASCII byte
+//! must not make a rule skip the rest of it (a `Connection` list that hid its hop-by-hop names
+//! that way would let them through).
 
 use http::HeaderMap;
 use http::header::{
-    CONNECTION, HeaderName, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    CONNECTION, HeaderName, ORIGIN, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE, WWW_AUTHENTICATE,
 };
+
+use super::routes::{LocalHosts, host_without_port};
 
 /// RFC 6750 §3.1: `WWW-Authenticate: Bearer error="invalid_token"` says the token itself was
 /// refused (expired, revoked), as opposed to `insufficient_scope` or a missing token.
@@ -40,26 +47,29 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     UPGRADE,
 ];
 
-/// Removes hop-by-hop headers, including those named in `Connection`.
+/// The elements of a comma-separated header list (RFC 9110 §5.6.1), OWS trimmed, empty ones
+/// skipped; bytes, so no element is lost to a non-ASCII neighbour.
+fn list_elements(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers, including every header named in `Connection`. Each element of
+/// every `Connection` line is read from its bytes; an element that is not a valid header name
+/// names no header and is skipped, without affecting the others.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // `Connection: keep-alive` / `close` name nothing beyond the fixed list; only other tokens
-    // need collecting (the common case allocates nothing).
-    let names_others = headers.get_all(CONNECTION).iter().any(|v| {
-        v.to_str().map_or(true, |v| {
-            v.split(',').any(|t| {
-                let t = t.trim();
-                !t.is_empty()
-                    && !t.eq_ignore_ascii_case("keep-alive")
-                    && !t.eq_ignore_ascii_case("close")
-            })
-        })
-    });
+    // `Connection: keep-alive` / `close` name nothing beyond the fixed list; only other
+    // elements need collecting (the common case allocates nothing).
+    let names_others = list_elements(headers, CONNECTION)
+        .any(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"));
     if names_others {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or("").split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        // Bounded by the header block, itself bounded by `proxy.max_header_bytes`.
+        let named: Vec<HeaderName> = list_elements(headers, CONNECTION)
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for n in named {
             headers.remove(n);
@@ -68,6 +78,72 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in HOP_BY_HOP {
         headers.remove(n);
     }
+}
+
+/// Marks a request whose HTTP/1 head carried both `Content-Length` and `Transfer-Encoding`.
+/// hyper removes `Content-Length` from such a request, so the server layer, which sees the
+/// head's bytes, sets this (`server::framing`) and phase 1 refuses the request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FramingConflict;
+
+/// Whether the request's `Transfer-Encoding`, all its lines together, is absent or exactly one
+/// `chunked` coding (case-insensitive). hyper frames a body by the last coding only; a coding
+/// before it (`gzip, chunked`) would be dropped with the header on the way upstream, so the
+/// upstream would take compressed bytes for plain ones. Refused rather than re-encoded.
+pub(crate) fn transfer_encoding_is_plain_chunked(headers: &HeaderMap) -> bool {
+    if !headers.contains_key(TRANSFER_ENCODING) {
+        return true;
+    }
+    let mut codings = list_elements(headers, TRANSFER_ENCODING);
+    matches!(codings.next(), Some(c) if c.eq_ignore_ascii_case(b"chunked"))
+        && codings.next().is_none()
+}
+
+/// Why a request counts as coming from a cross-site web page (docs/spec.md §5, 403), or `None`.
+///
+/// Cross-site means `Sec-Fetch-Site: cross-site`, or an `Origin` that is `null`, not an
+/// `http`/`https` origin, or whose host (port and trailing dot ignored, case-insensitive) is
+/// neither the request's own host name, nor a loopback name, nor an `allowed_hosts` name.
+/// Browsers send `Origin` with every cross-origin request and with same-origin non-GET ones;
+/// ordinary HTTP clients send neither header, so applications are not affected.
+pub(crate) fn cross_site(
+    headers: &HeaderMap,
+    request_host: Option<&str>,
+    local: &LocalHosts,
+) -> Option<&'static str> {
+    if list_elements(headers, HeaderName::from_static("sec-fetch-site"))
+        .any(|v| v.eq_ignore_ascii_case(b"cross-site"))
+    {
+        return Some("cross-site requests from web pages are refused (Sec-Fetch-Site)");
+    }
+    let own = request_host.map(host_without_port);
+    for origin in headers.get_all(ORIGIN) {
+        let same_site = origin_host(origin.as_bytes()).is_some_and(|h| {
+            let name = host_without_port(h);
+            own.is_some_and(|o| o.eq_ignore_ascii_case(name)) || local.contains_name(name)
+        });
+        if !same_site {
+            return Some("cross-site requests from web pages are refused (Origin)");
+        }
+    }
+    None
+}
+
+/// The `host[:port]` of a serialized `http`/`https` origin (RFC 6454 §6.2), or `None` for
+/// `null`, other schemes and anything malformed.
+fn origin_host(value: &[u8]) -> Option<&str> {
+    let s = std::str::from_utf8(value).ok()?.trim();
+    let scheme_end = s.find("://")?;
+    let scheme = &s[..scheme_end];
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    let authority = &s[scheme_end + 3..];
+    let clean = !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b));
+    clean.then_some(authority)
 }
 
 #[cfg(test)]
@@ -88,6 +164,111 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-end-to-end"], "kept");
+    }
+
+    #[test]
+    fn connection_names_are_read_from_bytes() {
+        // Today's code gave up on the whole list at the first non-ASCII byte and stripped none
+        // of the names in it.
+        let mut h = HeaderMap::new();
+        h.append(
+            CONNECTION,
+            http::HeaderValue::from_bytes(b"X-Secret-Hop, caf\xc3\xa9, \xff").unwrap(),
+        );
+        h.append(
+            CONNECTION,
+            http::HeaderValue::from_bytes(b"\tX-Other ,").unwrap(),
+        );
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("x-other", "1".parse().unwrap());
+        h.insert("x-end-to-end", "kept".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-end-to-end"], "kept");
+    }
+
+    #[test]
+    fn only_a_single_chunked_coding_is_accepted() {
+        let with = |lines: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append(TRANSFER_ENCODING, http::HeaderValue::from_bytes(l).unwrap());
+            }
+            transfer_encoding_is_plain_chunked(&h)
+        };
+        assert!(with(&[]));
+        assert!(with(&[b"chunked"]));
+        assert!(with(&[b"Chunked"]));
+        assert!(with(&[b" chunked ,"]));
+        for bad in [
+            &[&b"gzip, chunked"[..]][..],
+            &[b"chunked, chunked"],
+            &[b"chunked", b"chunked"],
+            &[b"gzip", b"chunked"],
+            &[b"identity"],
+            &[b""],
+            &[b"chunked;x=1"],
+            &[b"\xffchunked"],
+        ] {
+            assert!(!with(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cross_site_requests_are_recognised() {
+        let local = LocalHosts::new(&["client.internal:8080".to_string()]);
+        let check = |host: Option<&str>, pairs: &[(&str, &[u8])]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    http::HeaderValue::from_bytes(v).unwrap(),
+                );
+            }
+            cross_site(&h, host, &local).is_some()
+        };
+        let lh = Some("localhost:8080");
+        assert!(!check(lh, &[]));
+        assert!(!check(lh, &[("origin", b"http://localhost:8080")]));
+        assert!(!check(lh, &[("origin", b"http://127.0.0.1:3000")]));
+        assert!(!check(lh, &[("origin", b"https://[::1]")]));
+        assert!(!check(lh, &[("origin", b"http://client.internal:1")]));
+        assert!(!check(
+            Some("billing.example.com"),
+            &[("origin", b"https://Billing.Example.com")]
+        ));
+        assert!(!check(lh, &[("sec-fetch-site", b"same-origin")]));
+        assert!(!check(lh, &[("sec-fetch-site", b"none")]));
+        assert!(check(lh, &[("sec-fetch-site", b"cross-site")]));
+        assert!(check(lh, &[("sec-fetch-site", b"Cross-Site")]));
+        for bad in [
+            &b"http://evil.example"[..],
+            b"null",
+            b"http://localhost.evil.example",
+            b"http://evil.example#@localhost",
+            b"http://user@localhost",
+            b"file://",
+            b"chrome-extension://abc",
+            b"localhost",
+            b"http://",
+            b"http://localhost/path",
+            b"http://\xfflocalhost",
+        ] {
+            assert!(check(lh, &[("origin", bad)]), "{bad:?}");
+        }
+        // One good Origin line does not excuse a bad one.
+        assert!(check(
+            lh,
+            &[
+                ("origin", b"http://localhost"),
+                ("origin", b"http://evil.example")
+            ]
+        ));
+        // The request's own host counts only when it is the request's.
+        assert!(check(
+            Some("evil.example"),
+            &[("origin", b"http://other.example")]
+        ));
     }
 
     #[test]

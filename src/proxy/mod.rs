@@ -1,8 +1,11 @@
 //! The request path, top to bottom (docs/spec.md §4–§5). Each downstream request goes through
 //! these phases, one function each, sharing one per-request context ([`Ctx`]):
 //!
-//! 1. [`Proxy::route`]: pick the route (dedicated port, else host and longest path prefix);
-//!    refuse `CONNECT` and paths with dot segments. Nothing is forwarded without a route.
+//! 1. [`Proxy::route`]: refuse transfer codings other than `chunked` and `Content-Length` with
+//!    `Transfer-Encoding`, `CONNECT` and `TRACE`, paths with dot segments in any spelling, and
+//!    cross-site web pages; then pick the route (dedicated port, else host and longest path
+//!    prefix), answering only hosts that are local or named by a host route. Nothing is
+//!    forwarded without a route.
 //! 2. [`token`]: take the route's cached token; wait for the refresher only when none is
 //!    usable. No token, no forwarding.
 //! 3. [`upstream_request`]: rewrite the URI onto the upstream, drop hop-by-hop headers, set
@@ -15,7 +18,8 @@
 //!    evicted when the slot's eviction gate is open, and a buffered request is replayed once
 //!    with a fresh token; otherwise the 401 goes back unchanged. A response below 400 tells the
 //!    slot the token works (which resets the gate after an eviction).
-//! 5. [`response`]: drop hop-by-hop headers and stream the upstream's answer back unchanged.
+//! 5. [`response`]: drop hop-by-hop headers and an upstream's `token-sidecar-error`, and
+//!    stream the upstream's answer back otherwise unchanged.
 //! 6. [`Proxy::log`]: the route's metrics and one access-log event.
 //!
 //! Any failure leaves through [`respond::error_response`], the one place errors become
@@ -39,9 +43,12 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 
-use self::headers::{is_invalid_token_challenge, strip_hop_by_hop};
-use self::respond::{ProxyError, TokenFailure, error_response};
-use self::routes::{Route, RouteTable, check_path};
+use self::headers::{
+    FramingConflict, cross_site, is_invalid_token_challenge, strip_hop_by_hop,
+    transfer_encoding_is_plain_chunked,
+};
+use self::respond::{ERROR_HEADER, ProxyError, TokenFailure, error_response};
+use self::routes::{HostSource, Miss, RequestHost, Route, RouteTable, check_path};
 use self::upstream::UpstreamBody;
 use crate::metrics::RouteMetrics;
 use crate::token::cache::{Lease, Rejection};
@@ -108,13 +115,42 @@ impl<'a> Ctx<'a> {
     }
 }
 
-/// The host a request names: an absolute-form target (HTTP_PROXY clients) or HTTP/2
-/// `:authority` first, else the Host header.
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    match req.uri().authority() {
-        Some(a) => Some(a.as_str()),
-        None => req.headers().get(HOST).and_then(|h| h.to_str().ok()),
+/// The host a request names and how (docs/spec.md §4): an HTTP/1 absolute-form target
+/// (`HTTP_PROXY` clients) or HTTP/2 `:authority` first, else the `Host` header. A `Host` header
+/// that is not visible ASCII, or more than one, is refused: either could make two readers
+/// disagree about the host (RFC 9112 §3.2 asks for 400).
+fn request_host<B>(req: &Request<B>) -> Result<RequestHost<'_>, ProxyError> {
+    if let Some(a) = req.uri().authority() {
+        let source = if req.version() == Version::HTTP_2 {
+            HostSource::Authority
+        } else {
+            HostSource::AbsoluteForm
+        };
+        return Ok(RequestHost {
+            value: Some(a.as_str()),
+            source,
+        });
     }
+    let mut lines = req.headers().get_all(HOST).iter();
+    let Some(value) = lines.next() else {
+        return Ok(RequestHost {
+            value: None,
+            source: HostSource::Absent,
+        });
+    };
+    if lines.next().is_some() {
+        return Err(ProxyError::BadRequest(
+            "the request has more than one Host header",
+        ));
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| ProxyError::BadRequest("the Host header is not valid"))?;
+    Ok(RequestHost {
+        // `Host:` with an empty value (allowed for targets without an authority) names nothing.
+        value: Some(value).filter(|v| !v.trim().is_empty()),
+        source: HostSource::Header,
+    })
 }
 
 impl Proxy {
@@ -157,7 +193,9 @@ impl Proxy {
         Ok(response(resp))
     }
 
-    /// Phase 1: the route for a request, or why there is none.
+    /// Phase 1: the route for a request, or why there is none. Checks, in order, on every
+    /// listener: body framing, the Host header's form, the method (`CONNECT`, `TRACE`), the
+    /// path, cross-site web pages; then the route (docs/spec.md §4, §5).
     pub fn route<'a, B>(
         &'a self,
         listener: Listener,
@@ -165,21 +203,42 @@ impl Proxy {
         ctx: &mut Ctx<'a>,
     ) -> Result<&'a Route, ProxyError> {
         let host = request_host(req);
-        if let Some(access) = &mut ctx.access {
-            access.host = host.map(str::to_owned);
+        if let (Some(access), Ok(h)) = (&mut ctx.access, &host) {
+            access.host = h.value.map(str::to_owned);
         }
-        if req.method() == Method::CONNECT {
-            return Err(ProxyError::MethodNotAllowed("CONNECT".into()));
+        // Framing first: its refusal is the one that must close the connection, whatever else
+        // is wrong with the request.
+        if req.extensions().get::<FramingConflict>().is_some() {
+            return Err(ProxyError::BadFraming(
+                "Content-Length together with Transfer-Encoding is refused",
+            ));
+        }
+        if !transfer_encoding_is_plain_chunked(req.headers()) {
+            return Err(ProxyError::BadFraming(
+                "Transfer-Encoding other than exactly \"chunked\" is not supported",
+            ));
+        }
+        let host = host?;
+        if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+            // TRACE would have an echoing upstream reflect the bearer token to the caller.
+            return Err(ProxyError::MethodNotAllowed(req.method().to_string()));
         }
         check_path(req.uri().path()).map_err(ProxyError::BadRequest)?;
-        let route = match listener {
-            Listener::Dedicated(i) => &self.table.routes[i],
-            Listener::Main => self
-                .table
-                .match_main(host, req.uri().path())
-                .map(|i| &self.table.routes[i])
-                .ok_or(ProxyError::NoRoute)?,
+        if let Some(why) = cross_site(req.headers(), host.value, &self.table.local) {
+            return Err(ProxyError::Forbidden(why));
+        }
+        let dedicated = match listener {
+            Listener::Dedicated(i) => Some(i),
+            Listener::Main => None,
         };
+        let i = self
+            .table
+            .resolve(dedicated, host, req.uri().path())
+            .map_err(|miss| match miss {
+                Miss::NoRoute => ProxyError::NoRoute,
+                Miss::Misdirected => ProxyError::Misdirected,
+            })?;
+        let route = &self.table.routes[i];
         ctx.route = Some(route);
         Ok(route)
     }
@@ -331,9 +390,12 @@ pub fn authorize(parts: &mut Parts, lease: &Lease) {
         .insert(AUTHORIZATION, lease.token.token.authorization().clone());
 }
 
-/// Phase 5: the upstream's answer without its hop-by-hop headers, body streamed.
+/// Phase 5: the upstream's answer without its hop-by-hop headers, body streamed. An upstream's
+/// `token-sidecar-error` header is removed too: the application must be able to trust that
+/// header to mean the sidecar itself refused or failed the request (docs/spec.md §5).
 pub(crate) fn response(mut resp: Response<Incoming>) -> Response<ProxyBody> {
     strip_hop_by_hop(resp.headers_mut());
+    resp.headers_mut().remove(ERROR_HEADER);
     resp.map(Either::Left)
 }
 

@@ -1,8 +1,8 @@
-//! Property tests for route matching, path checking and upstream URI rewriting (docs/spec.md
-//! §4 routing, §5 refusals; docs/reliability.md §5 "no open proxy" and §6 "bad input from every
-//! side"): arbitrary hosts and paths. None of them may panic; a match is the best one, an
-//! accepted path stays under the upstream's base path, and dot segments in any spelling are
-//! refused.
+//! Property tests for route matching, the host rule, path checking and upstream URI rewriting
+//! (docs/spec.md §4 routing, §5 refusals; docs/reliability.md §5 "no open proxy" and §6 "bad
+//! input from every side"): arbitrary hosts and paths. None of them may panic; a match is the
+//! best one, a foreign host never reaches a path route, an accepted path stays under the
+//! upstream's base path, and dot segments in any spelling are refused.
 //!
 //! Case counts are modest so the module runs in a few seconds on a small shared machine;
 //! failures are not persisted (no regression files are written into the tree). Strategies are
@@ -11,7 +11,10 @@
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 
-use super::routes::{RouteTable, check_path, normalize_host, strip_segment_prefix, table};
+use super::routes::{
+    HostSource, Miss, RequestHost, RouteTable, check_path, normalize_host, strip_segment_prefix,
+    table,
+};
 
 fn cases(n: u32) -> ProptestConfig {
     ProptestConfig {
@@ -183,12 +186,17 @@ proptest! {
     #![proptest_config(cases(512))]
 
     /// `match_main` never panics; a match names the request's host (when the route has one),
-    /// is a segment prefix of the path (when it has one), and no other main-listener route that
-    /// matches ranks higher (host-specific beats hostless, then the longest prefix).
+    /// is a segment prefix of the path (when it has one), is a hostless route only when path
+    /// routes may answer, and no other main-listener route that matches ranks higher
+    /// (host-specific beats hostless, then the longest prefix).
     #[test]
-    fn route_matching_picks_the_best_match(host in host_input(), path in path_input()) {
+    fn route_matching_picks_the_best_match(
+        host in host_input(),
+        path in path_input(),
+        path_routes in any::<bool>(),
+    ) {
         let t = route_table();
-        let got = t.match_main(host.as_deref(), &path);
+        let got = t.match_main(host.as_deref(), path_routes, &path);
         let norm = host.as_deref().map(normalize_host);
         let rank = |i: usize| -> Option<(bool, usize)> {
             let r = &t.routes[i];
@@ -198,6 +206,7 @@ proptest! {
             match (&r.host, &norm) {
                 (Some(want), Some(h)) if want == h => {}
                 (Some(_), _) => return None,
+                (None, _) if !path_routes => return None,
                 (None, _) => {}
             }
             let len = match &r.path_prefix {
@@ -222,6 +231,39 @@ proptest! {
                     prop_assert!(strip_segment_prefix(&path, p).is_some(), "route {} prefix {} vs {:?}", r.name, p, path);
                 }
                 prop_assert_eq!(rank(i), best, "route {} is not the best match", r.name);
+            }
+        }
+    }
+
+    /// `resolve` on the main listener never panics and never lets a foreign host reach a path
+    /// route: a hostless route answers only a local host (loopback names, or none at all) named
+    /// other than by an absolute-form target; a miss is 421 only for a foreign `Host` header.
+    #[test]
+    fn foreign_hosts_never_reach_path_routes(
+        host in host_input(),
+        path in path_input(),
+        source in prop::sample::select(vec![
+            HostSource::AbsoluteForm, HostSource::Authority, HostSource::Header, HostSource::Absent,
+        ]),
+    ) {
+        let t = route_table();
+        let source = if host.is_none() { HostSource::Absent } else { source };
+        let req = RequestHost { value: host.as_deref(), source };
+        let local = host.as_deref().is_none_or(|h| t.local.contains(h));
+        match t.resolve(None, req, &path) {
+            Ok(i) => {
+                let r = &t.routes[i];
+                prop_assert!(!r.dedicated);
+                if r.host.is_none() {
+                    prop_assert!(local, "path route {} answered host {:?}", r.name, host);
+                    prop_assert!(source != HostSource::AbsoluteForm, "absolute-form reached {}", r.name);
+                }
+            }
+            Err(Miss::Misdirected) => {
+                prop_assert!(!local && source == HostSource::Header, "421 for {:?} {:?}", host, source);
+            }
+            Err(Miss::NoRoute) => {
+                prop_assert!(local || source != HostSource::Header, "404 for foreign Host {:?}", host);
             }
         }
     }
@@ -258,17 +300,19 @@ proptest! {
         }
     }
 
-    /// A `..` segment in any spelling (`..`, `%2e%2e`, `%2E%2e`, `.%2e`, …) anywhere in the
-    /// path is refused, and so is `.`.
+    /// A `..` segment in any spelling (`..`, `%2e%2e`, `%2E%2e`, `.%2e`, double-encoded
+    /// `%252e`, with `;params` or an encoded `;`) anywhere in the path is refused, and so is `.`.
     #[test]
     fn dot_segments_are_always_refused(
         before in prop::collection::vec("[a-zA-Z0-9_~-]{1,8}", 0..4),
-        dots in prop::collection::vec(prop::sample::select(vec![".", "%2e", "%2E"]), 1..=2),
+        dots in prop::collection::vec(
+            prop::sample::select(vec![".", "%2e", "%2E", "%252e", "%252E"]), 1..=2),
+        params in prop::sample::select(vec!["", ";", ";x", ";jsessionid=1", "%3b", "%3Bx", "%253b"]),
         after in prop::collection::vec("[a-zA-Z0-9._~-]{0,8}", 0..4),
         trailing_slash in any::<bool>(),
     ) {
         let mut segs = before.clone();
-        segs.push(dots.concat());
+        segs.push(format!("{}{params}", dots.concat()));
         segs.extend(after.iter().cloned());
         let mut path = format!("/{}", segs.join("/"));
         if trailing_slash {

@@ -5,7 +5,7 @@
 //! header, so an application can tell them from the upstream's answers without parsing.
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
@@ -24,6 +24,16 @@ pub enum ProxyError {
     MethodNotAllowed(String),
     #[error("{0}")]
     BadRequest(&'static str),
+    /// A request whose body framing the sidecar refuses: answered 400 with `Connection: close`,
+    /// because the connection's remaining bytes cannot be trusted to start the next request.
+    #[error("{0}")]
+    BadFraming(&'static str),
+    /// The request names a host that neither a host route nor the local names cover.
+    #[error("this sidecar does not serve the host this request names")]
+    Misdirected,
+    /// A request from a cross-site web page.
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("{0}")]
     Token(TokenFailure),
     #[error("upstream unreachable: {0}")]
@@ -62,7 +72,11 @@ impl ProxyError {
             ProxyError::MethodNotAllowed(_) => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }
-            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::BadRequest(_) | ProxyError::BadFraming(_) => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
+            ProxyError::Misdirected => (StatusCode::MISDIRECTED_REQUEST, "misdirected_request"),
+            ProxyError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ProxyError::Token(TokenFailure(TokenError::Fetch { error, .. }))
                 if error.kind() == FailureKind::Rejected =>
             {
@@ -103,6 +117,11 @@ pub(crate) fn error_response<B: From<Bytes>>(err: &ProxyError, route: Option<&st
     h.insert(ERROR_HEADER, HeaderValue::from_static(code));
     if let Some(secs) = err.retry_after() {
         h.insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if matches!(err, ProxyError::BadFraming(_)) {
+        // hyper closes an HTTP/1 connection after a response that says so (HTTP/2 has no
+        // body framing of this kind and drops the header).
+        h.insert(CONNECTION, HeaderValue::from_static("close"));
     }
     resp
 }
@@ -183,6 +202,9 @@ mod tests {
                 "method_not_allowed",
             ),
             (ProxyError::BadRequest("bad"), 400, "bad_request"),
+            (ProxyError::BadFraming("bad"), 400, "bad_request"),
+            (ProxyError::Misdirected, 421, "misdirected_request"),
+            (ProxyError::Forbidden("no"), 403, "forbidden"),
             (
                 ProxyError::UpstreamUnavailable("refused".into()),
                 502,

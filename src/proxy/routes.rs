@@ -131,50 +131,134 @@ pub(crate) fn strip_segment_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'
     }
 }
 
-/// Rejects request paths that are not origin-form or that hold dot segments (also
-/// percent-encoded): an upstream that normalizes `/orders/../admin` would otherwise be reached
-/// outside the route's base path with the route's token.
+/// Why [`check_path`] refused a path; fixed texts, so nothing of the request is echoed.
+const NOT_ORIGIN_FORM: &str = "the request path must start with '/'";
+const DOT_SEGMENT: &str = "the request path must not contain '.' or '..' segments (in any spelling: ';params', percent-encoded)";
+const EMPTY_SEGMENT: &str = "the request path must not contain empty segments ('//')";
+const SEPARATOR: &str =
+    "the request path must not contain backslashes or encoded '/' or '\\' (%2F, %5C)";
+const CONTROL: &str = "the request path must not contain encoded control characters (%00-%1F, %7F)";
+const BAD_ESCAPE: &str = "the request path has a malformed percent-escape";
+const NOT_UTF8: &str =
+    "the request path decodes to bytes that are not UTF-8 (e.g. overlong %C0%AE)";
+const TOO_NESTED: &str = "the request path is percent-encoded more than three times over";
+
+/// How many times a segment is percent-decoded while looking for a hidden dot segment or
+/// separator: an upstream (or a chain of them) that decodes twice or three times still sees
+/// what we checked. Deeper nesting is refused rather than followed.
+const MAX_DECODES: usize = 3;
+
+/// Rejects request paths that are not origin-form or whose segments some server behind the
+/// upstream could read as a step out of the route's base path (docs/spec.md §5):
+///
+/// - a segment that is `.` or `..` (or only dots: Windows servers fold `...` to `..`), after
+///   removing `;params` (Tomcat, Jetty and Spring read `..;x` as `..`), at every percent-decoding
+///   level up to [`MAX_DECODES`] (`%2e%2e`, `.%2E`, `%252e%252e`, `..%3b`);
+/// - an empty segment (`//`), which frameworks collapse or read as a scheme-relative URL;
+/// - a backslash, raw or decoded, and a `/` hidden in a segment (`%2F`, `%252F`): servers that
+///   decode before splitting would see more segments than we did. Refused, not passed through
+///   re-encoded, because whether `%2F` is a separator differs from server to server;
+/// - a decoded control character (`%00` truncates paths in C-based servers), a malformed escape
+///   in the raw path (`%zz`, `%u002e`), or decoded bytes that are not UTF-8 (`%c0%ae`, an
+///   overlong `.` that old decoders accept).
+///
+/// The common path (no `%`, `\`, `/.` or `//`) is accepted after one scan without allocating.
 pub(crate) fn check_path(path: &str) -> Result<(), &'static str> {
-    if !path.starts_with('/') {
-        return Err("the request path must start with '/'");
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(NOT_ORIGIN_FORM);
     }
-    // The common case: nothing that could encode or form a dot segment or a backslash.
-    if !path.contains("/.") && !path.contains('%') && !path.contains('\\') {
+    let suspicious = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%' || b == b'\\' || (i > 0 && bytes[i - 1] == b'/' && (b == b'.' || b == b'/'))
+    });
+    if !suspicious {
         return Ok(());
     }
-    for segment in path.split('/') {
-        if is_dot_segment(segment) {
-            return Err("the request path must not contain '.' or '..' segments");
+    let mut segments = path[1..].split('/').peekable();
+    while let Some(segment) = segments.next() {
+        // A trailing slash leaves one empty last segment; that one is a directory, not a trick.
+        if segment.is_empty() && segments.peek().is_some() {
+            return Err(EMPTY_SEGMENT);
         }
-        if segment.contains("%2f")
-            || segment.contains("%2F")
-            || segment.contains("%5c")
-            || segment.contains("%5C")
-            || segment.contains('\\')
-        {
-            return Err("the request path must not contain encoded slashes or backslashes");
-        }
+        check_segment(segment)?;
     }
     Ok(())
 }
 
-/// `.` or `..`, also with percent-encoded dots (`%2e`, `%2E`), without allocating.
-fn is_dot_segment(segment: &str) -> bool {
-    let b = segment.as_bytes();
-    let dot_at = |i: usize| -> Option<usize> {
-        match b.get(i)? {
-            b'.' => Some(i + 1),
-            b'%' if b.get(i + 1) == Some(&b'2') && matches!(b.get(i + 2), Some(b'e' | b'E')) => {
-                Some(i + 3)
-            }
-            _ => None,
-        }
-    };
-    match dot_at(0) {
-        Some(end) if end == b.len() => true,
-        Some(end) => dot_at(end) == Some(b.len()),
-        None => false,
+/// One path segment, raw and after each round of percent-decoding.
+fn check_segment(raw: &str) -> Result<(), &'static str> {
+    if raw.contains('\\') {
+        return Err(SEPARATOR);
     }
+    let mut current: std::borrow::Cow<'_, [u8]> = std::borrow::Cow::Borrowed(raw.as_bytes());
+    for level in 0..=MAX_DECODES {
+        if level > 0 {
+            if current.contains(&b'/') || current.contains(&b'\\') {
+                return Err(SEPARATOR);
+            }
+            if current.iter().any(|&b| b < 0x20 || b == 0x7f) {
+                return Err(CONTROL);
+            }
+            if std::str::from_utf8(&current).is_err() {
+                return Err(NOT_UTF8);
+            }
+        }
+        if is_dot_segment(&current) {
+            return Err(DOT_SEGMENT);
+        }
+        // The raw path must be well-formed; a decoded level may hold a literal '%' ("100%25"
+        // is "100%"), which later rounds keep as it is.
+        let (next, malformed) = percent_decode(&current);
+        if malformed && level == 0 {
+            return Err(BAD_ESCAPE);
+        }
+        let Some(next) = next else {
+            return Ok(());
+        };
+        if level == MAX_DECODES {
+            return Err(TOO_NESTED);
+        }
+        current = std::borrow::Cow::Owned(next);
+    }
+    Err(TOO_NESTED)
+}
+
+/// `.`, `..` or only dots, once `;params` are removed and surrounding blanks trimmed.
+fn is_dot_segment(segment: &[u8]) -> bool {
+    let end = segment
+        .iter()
+        .position(|&b| b == b';')
+        .unwrap_or(segment.len());
+    let name = segment[..end].trim_ascii();
+    !name.is_empty() && name.iter().all(|&b| b == b'.')
+}
+
+/// One round of percent-decoding: the decoded bytes (`None` when there was no valid `%XX`
+/// escape), and whether a `%` not followed by two hex digits was seen (kept as it is).
+fn percent_decode(input: &[u8]) -> (Option<Vec<u8>>, bool) {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out: Option<Vec<u8>> = None;
+    let mut malformed = false;
+    let mut i = 0;
+    while i < input.len() {
+        let b = input[i];
+        if b == b'%' {
+            let hi = input.get(i + 1).copied().and_then(hex);
+            let lo = input.get(i + 2).copied().and_then(hex);
+            if let (Some(hi), Some(lo)) = (hi, lo) {
+                out.get_or_insert_with(|| input[..i].to_vec())
+                    .push(hi << 4 | lo);
+                i += 3;
+                continue;
+            }
+            malformed = true;
+        }
+        if let Some(o) = &mut out {
+            o.push(b);
+        }
+        i += 1;
+    }
+    (out, malformed)
 }
 
 /// Strips an optional port and a trailing dot, lowercases.
@@ -183,48 +267,191 @@ pub(crate) fn normalize_host(host: &str) -> String {
 }
 
 /// The host part of a Host header value, without port or trailing dot, as a borrowed slice.
-fn host_without_port(host: &str) -> &str {
+pub(crate) fn host_without_port(host: &str) -> &str {
+    split_host_port(host).0
+}
+
+/// A Host-style value split into its name (trimmed, trailing dot removed, IPv6 literal kept in
+/// brackets) and its port, when what follows the last `:` is all digits.
+fn split_host_port(host: &str) -> (&str, Option<&str>) {
     let h = host.trim();
-    let without_port = if h.starts_with('[') {
-        // IPv6 literal: keep the brackets, drop what follows them.
+    let (name, port) = if h.starts_with('[') {
+        // IPv6 literal: keep the brackets; a port may follow them.
         match h.find(']') {
-            Some(end) => &h[..=end],
-            None => h,
+            Some(end) => (
+                &h[..=end],
+                h[end + 1..]
+                    .strip_prefix(':')
+                    .filter(|p| p.bytes().all(|b| b.is_ascii_digit())),
+            ),
+            None => (h, None),
         }
     } else {
         match h.rsplit_once(':') {
-            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-            _ => h,
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => (name, Some(port)),
+            _ => (h, None),
         }
     };
-    without_port.trim_end_matches('.')
+    (name.trim_end_matches('.'), port.filter(|p| !p.is_empty()))
 }
 
-/// All routes, with an index of the main-listener ones.
+/// The loopback names of docs/spec.md §4, which every proxy listener answers on any port.
+const LOOPBACK_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
+
+/// How a request named its host (docs/spec.md §4); it decides what a miss is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HostSource {
+    /// An HTTP/1 absolute-form target: the client uses the sidecar as its forward proxy.
+    AbsoluteForm,
+    /// HTTP/2 `:authority`.
+    Authority,
+    /// The `Host` header.
+    Header,
+    /// None at all (HTTP/1.0 without `Host`): only a non-browser client can send that, so it
+    /// counts as local.
+    Absent,
+}
+
+/// The host a request names, and how it named it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestHost<'a> {
+    pub(crate) value: Option<&'a str>,
+    pub(crate) source: HostSource,
+}
+
+/// Why no route answers a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Miss {
+    /// 404 `no_route`.
+    NoRoute,
+    /// 421 `misdirected_request`: the `Host` header names a machine the sidecar does not stand
+    /// for (DNS rebinding, a mistyped name).
+    Misdirected,
+}
+
+/// The hosts that count as "this machine" for path routes and dedicated listeners: the
+/// loopback names and `proxy.allowed_hosts`. An entry without a port allows its name on any
+/// port; an entry with one allows exactly that `name:port` (a request naming no port matches
+/// only port-less entries). Names compare case-insensitively, without a trailing dot.
+#[derive(Debug, Default)]
+pub(crate) struct LocalHosts {
+    /// (lowercase name, port) from `allowed_hosts`, which validation has checked.
+    allowed: Vec<(String, Option<u16>)>,
+}
+
+impl LocalHosts {
+    pub(crate) fn new(allowed: &[String]) -> LocalHosts {
+        LocalHosts {
+            allowed: allowed
+                .iter()
+                .map(|e| {
+                    let (name, port) = split_host_port(e);
+                    (name.to_ascii_lowercase(), port.and_then(|p| p.parse().ok()))
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether `name` (no port) is a loopback name or the name of an `allowed_hosts` entry,
+    /// whatever its port: for `Origin`, where the port does not change the site.
+    pub(crate) fn contains_name(&self, name: &str) -> bool {
+        LOOPBACK_NAMES.iter().any(|l| l.eq_ignore_ascii_case(name))
+            || self
+                .allowed
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(name))
+    }
+
+    /// Whether `host` (a Host-style value, port optional) is a loopback name or allowed.
+    pub(crate) fn contains(&self, host: &str) -> bool {
+        let (name, port) = split_host_port(host);
+        if LOOPBACK_NAMES.iter().any(|l| l.eq_ignore_ascii_case(name)) {
+            return true;
+        }
+        let port: Option<u16> = match port.map(str::parse) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(_)) => return false,
+        };
+        self.allowed
+            .iter()
+            .any(|(n, p)| n.eq_ignore_ascii_case(name) && (p.is_none() || *p == port))
+    }
+}
+
+/// All routes, with an index of the main-listener ones and the hosts that count as local.
 #[derive(Debug)]
 pub(crate) struct RouteTable {
     pub(crate) routes: Vec<Route>,
     /// Indices of the routes without a dedicated `listen`.
     main: Vec<usize>,
+    pub(crate) local: LocalHosts,
 }
 
 impl RouteTable {
-    pub(crate) fn new(routes: Vec<Route>) -> RouteTable {
+    pub(crate) fn new(routes: Vec<Route>, allowed_hosts: &[String]) -> RouteTable {
         let main = (0..routes.len())
             .filter(|&i| !routes[i].dedicated)
             .collect();
-        RouteTable { routes, main }
+        RouteTable {
+            routes,
+            main,
+            local: LocalHosts::new(allowed_hosts),
+        }
     }
 
-    /// The best main-listener route for a request, by host then longest path prefix.
-    pub(crate) fn match_main(&self, host: Option<&str>, path: &str) -> Option<usize> {
+    /// The route for a request on a route's own listener (`dedicated`, its index) or, when
+    /// `None`, on the main listener (docs/spec.md §4).
+    ///
+    /// A host that is not local (loopback, `allowed_hosts`, or no host at all) reaches only the
+    /// host routes naming it, and a dedicated route only when that route names it. A miss for
+    /// such a host is 421 when the `Host` header named it (a browser sent the request somewhere
+    /// it does not belong), else 404 (a proxy request for a host nothing here stands for). An
+    /// absolute-form request reaches host routes only, whatever the path: a client with
+    /// `HTTP_PROXY` set must not have its calls to other servers, loopback ones included,
+    /// answered by a path route.
+    pub(crate) fn resolve(
+        &self,
+        dedicated: Option<usize>,
+        host: RequestHost<'_>,
+        path: &str,
+    ) -> Result<usize, Miss> {
+        let local = host.value.is_none_or(|h| self.local.contains(h));
+        let miss = || match host.source {
+            HostSource::Header if !local => Miss::Misdirected,
+            _ => Miss::NoRoute,
+        };
+        if let Some(i) = dedicated {
+            let names_it = match (&self.routes[i].host, host.value) {
+                (Some(want), Some(got)) => want.eq_ignore_ascii_case(host_without_port(got)),
+                _ => false,
+            };
+            return if local || names_it {
+                Ok(i)
+            } else {
+                Err(miss())
+            };
+        }
+        let path_routes = local && host.source != HostSource::AbsoluteForm;
+        self.match_main(host.value, path_routes, path)
+            .ok_or_else(miss)
+    }
+
+    /// The best main-listener route for a request, by host then longest path prefix; routes
+    /// without `host` take part only when `path_routes` is true.
+    pub(crate) fn match_main(
+        &self,
+        host: Option<&str>,
+        path_routes: bool,
+        path: &str,
+    ) -> Option<usize> {
         // Per request: compare borrowed slices; route hosts were normalized at start-up.
         let host = host.map(host_without_port);
         let mut best: Option<(usize, (bool, usize))> = None;
         for &i in &self.main {
             let r = &self.routes[i];
             let host_ok = match (&r.host, host) {
-                (None, _) => true,
+                (None, _) => path_routes,
                 (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
                 (Some(_), None) => false,
             };
@@ -267,7 +494,7 @@ pub(crate) fn table(routes: &str) -> RouteTable {
             Route::from_config(r, slot, RouteMetrics::unregistered()).expect("route builds")
         })
         .collect();
-    RouteTable::new(routes)
+    RouteTable::new(routes, &cfg.proxy.allowed_hosts)
 }
 
 #[cfg(test)]
@@ -300,7 +527,7 @@ upstream = "https://dedicated.example.com"
 "#;
 
     fn name(t: &RouteTable, host: Option<&str>, path: &str) -> Option<String> {
-        t.match_main(host, path)
+        t.match_main(host, true, path)
             .map(|i| t.routes[i].name.to_string())
     }
 
@@ -384,12 +611,173 @@ upstream = "https://dedicated.example.com"
             "/a%2Fb",
             "x",
             "/a\\..\\b",
+            "/api/..;/admin",
+            "/api/.;/admin",
+            "/api/..;jsessionid=x/admin",
+            "/api/%2e%2e;/admin",
+            "/api/..%3b/admin",
+            "/api/%252e%252e/admin",
+            "/api/%25252e%25252e/admin",
+            "/api/%2525252e/admin",
+            "/api/%c0%ae%c0%ae/admin",
+            "/api/%u002e%u002e/admin",
+            "/api/a%00b",
+            "/api/a%0d%0ab",
+            "/api/a%5cb",
+            "/api/a%255cb",
+            "/api/a%252fb",
+            "/api//admin",
+            "//api/x",
+            "/api/.../admin",
+            "/api/%2e%2e%20/admin",
+            "/api/%zz",
+            "/api/%2",
         ] {
             assert!(check_path(bad).is_err(), "{bad}");
         }
-        for good in ["/", "/orders/42", "/a..b/c.d", "/.well-known/x"] {
-            assert!(check_path(good).is_ok(), "{good}");
+        for good in [
+            "/",
+            "/orders/42",
+            "/a..b/c.d",
+            "/.well-known/x",
+            "/api/a.b",
+            "/api/..foo",
+            "/api/foo..",
+            "/api/%20x",
+            "/api/100%25",
+            "/api/caf%C3%A9",
+            "/api/a;b=c/d",
+            "/api/",
+            "/api/%2ex",
+        ] {
+            assert_eq!(check_path(good), Ok(()), "{good}");
         }
+    }
+
+    const LOCAL: &str = r#"
+[proxy]
+allowed_hosts = ["client.internal", "Pinned.internal:8080"]
+[[route]]
+name = "api"
+path_prefix = "/api/"
+upstream = "https://api.example.com"
+[[route]]
+name = "billing"
+host = "billing.example.com"
+upstream = "https://billing.example.com"
+[[route]]
+name = "dedicated"
+listen = "127.0.0.1:0"
+host = "ded.example.com"
+upstream = "https://dedicated.example.com"
+"#;
+
+    fn resolve(
+        t: &RouteTable,
+        ded: Option<usize>,
+        src: HostSource,
+        host: &str,
+        path: &str,
+    ) -> Result<String, Miss> {
+        let value = (!host.is_empty()).then_some(host);
+        t.resolve(ded, RequestHost { value, source: src }, path)
+            .map(|i| t.routes[i].name.to_string())
+    }
+
+    #[test]
+    fn path_routes_answer_local_hosts_only() {
+        use HostSource::*;
+        let t = table(LOCAL);
+        for host in [
+            "localhost",
+            "LOCALHOST:1234",
+            "127.0.0.1:8080",
+            "[::1]:80",
+            "[::1]",
+            "localhost.",
+            "client.internal",
+            "Client.Internal:9",
+            "pinned.internal:8080",
+        ] {
+            assert_eq!(
+                resolve(&t, None, Header, host, "/api/x").as_deref(),
+                Ok("api"),
+                "{host}"
+            );
+            assert_eq!(
+                resolve(&t, None, Authority, host, "/api/x").as_deref(),
+                Ok("api"),
+                "{host}"
+            );
+        }
+        assert_eq!(
+            resolve(&t, None, Absent, "", "/api/x").as_deref(),
+            Ok("api")
+        );
+        for host in [
+            "evil.example",
+            "pinned.internal",
+            "pinned.internal:8081",
+            "127.0.0.2",
+            "localhost.evil.example",
+            "client.internal.evil",
+        ] {
+            assert_eq!(
+                resolve(&t, None, Header, host, "/api/x"),
+                Err(Miss::Misdirected),
+                "{host}"
+            );
+            assert_eq!(
+                resolve(&t, None, Authority, host, "/api/x"),
+                Err(Miss::NoRoute),
+                "{host}"
+            );
+            assert_eq!(
+                resolve(&t, None, AbsoluteForm, host, "/api/x"),
+                Err(Miss::NoRoute),
+                "{host}"
+            );
+        }
+        // Absolute-form reaches host routes only, even for a loopback name.
+        assert_eq!(
+            resolve(&t, None, AbsoluteForm, "localhost:8080", "/api/x"),
+            Err(Miss::NoRoute)
+        );
+        assert_eq!(
+            resolve(&t, None, AbsoluteForm, "billing.example.com", "/api/x").as_deref(),
+            Ok("billing")
+        );
+        // A host a host route names is never misdirected, and gets only its host routes.
+        assert_eq!(
+            resolve(&t, None, Header, "billing.example.com:443", "/x").as_deref(),
+            Ok("billing")
+        );
+        // Local hosts with no matching path: 404.
+        assert_eq!(
+            resolve(&t, None, Header, "localhost", "/other"),
+            Err(Miss::NoRoute)
+        );
+        // Dedicated listeners: local hosts and the route's own host; others refused.
+        assert_eq!(
+            resolve(&t, Some(2), Header, "127.0.0.1:5555", "/any").as_deref(),
+            Ok("dedicated")
+        );
+        assert_eq!(
+            resolve(&t, Some(2), Header, "ded.example.com", "/any").as_deref(),
+            Ok("dedicated")
+        );
+        assert_eq!(
+            resolve(&t, Some(2), Absent, "", "/any").as_deref(),
+            Ok("dedicated")
+        );
+        assert_eq!(
+            resolve(&t, Some(2), Header, "evil.example", "/any"),
+            Err(Miss::Misdirected)
+        );
+        assert_eq!(
+            resolve(&t, Some(2), AbsoluteForm, "evil.example", "/any"),
+            Err(Miss::NoRoute)
+        );
     }
 
     #[test]
@@ -398,5 +786,8 @@ upstream = "https://dedicated.example.com"
         assert_eq!(normalize_host("example.com."), "example.com");
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
         assert_eq!(normalize_host("127.0.0.1"), "127.0.0.1");
+        assert_eq!(split_host_port("[::1]:8080"), ("[::1]", Some("8080")));
+        assert_eq!(split_host_port("[::1]x"), ("[::1]", None));
+        assert_eq!(split_host_port("a.example.:"), ("a.example", None));
     }
 }

@@ -110,8 +110,8 @@ pub(crate) async fn accept_loop<H, F, B>(
         let tracker = Tracker::new();
         let handler = handler.clone();
         let in_service = tracker.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
-            let in_flight = in_service.request_started(req.version());
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            let in_flight = in_service.request_started(&mut req);
             let resp = handler(req);
             async move {
                 let resp = resp.await;

@@ -20,6 +20,9 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use super::framing::HeadScan;
+use crate::proxy::headers::FramingConflict;
+
 const NONE: u64 = u64::MAX;
 
 /// What the watchdog knows about one connection. Times are milliseconds since `origin`.
@@ -34,6 +37,9 @@ pub(crate) struct Tracker {
     /// HTTP/2 clients send frames (SETTINGS acks, WINDOW_UPDATEs, PINGs) between requests; after
     /// the first request the header clock no longer applies to them, only the idle clock.
     http2: AtomicBool,
+    /// The last scanned request head carried both `Content-Length` and `Transfer-Encoding`
+    /// ([`super::framing`]); taken by the request it belongs to.
+    framing_conflict: AtomicBool,
 }
 
 impl Tracker {
@@ -46,6 +52,7 @@ impl Tracker {
             head_started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             http2: AtomicBool::new(false),
+            framing_conflict: AtomicBool::new(false),
         })
     }
 
@@ -67,8 +74,14 @@ impl Tracker {
         self.last_io.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// A request's head has been parsed and handed to the service.
-    pub(crate) fn request_started(self: &Arc<Self>, version: http::Version) -> InFlight {
+    /// A request's head has been parsed and handed to the service. An HTTP/1 request whose
+    /// head carried both `Content-Length` and `Transfer-Encoding` is marked with
+    /// [`FramingConflict`] for the proxy to refuse.
+    pub(crate) fn request_started<B>(self: &Arc<Self>, req: &mut http::Request<B>) -> InFlight {
+        let version = req.version();
+        if self.framing_conflict.swap(false, Ordering::Relaxed) && version < http::Version::HTTP_2 {
+            req.extensions_mut().insert(FramingConflict);
+        }
         if version == http::Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
         }
@@ -160,11 +173,16 @@ pub(crate) async fn watchdog(
 pub(crate) struct TrackedIo<T> {
     inner: T,
     tracker: Arc<Tracker>,
+    head: HeadScan,
 }
 
 impl<T> TrackedIo<T> {
     pub(crate) fn new(inner: T, tracker: Arc<Tracker>) -> Self {
-        TrackedIo { inner, tracker }
+        TrackedIo {
+            inner,
+            tracker,
+            head: HeadScan::default(),
+        }
     }
 }
 
@@ -178,6 +196,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.tracker.on_read();
+            let t = &self.tracker;
+            let between_requests =
+                t.in_flight.load(Ordering::Relaxed) == 0 && !t.http2.load(Ordering::Relaxed);
+            let this = &mut *self;
+            if let Some(conflict) = this.head.feed(&buf.filled()[before..], between_requests) {
+                this.tracker
+                    .framing_conflict
+                    .store(conflict, Ordering::Relaxed);
+            }
         }
         r
     }

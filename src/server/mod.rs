@@ -10,6 +10,7 @@
 pub(crate) mod accept;
 pub(crate) mod admin;
 pub(crate) mod conn;
+pub(crate) mod framing;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -101,7 +102,7 @@ impl Sidecar {
             }
         }
         let proxy = Arc::new(Proxy {
-            table: RouteTable::new(routes),
+            table: RouteTable::new(routes, &config.proxy.allowed_hosts),
             retry_body_limit: config.proxy.retry_body_limit,
             access_log: config.log.access_log,
             unmatched: metrics.route("-", None),

@@ -3,10 +3,12 @@
 //! sidecar) or the connection is closed, and the upstream receives nothing. Afterwards the
 //! sidecar still serves a normal request.
 //!
-//! Two cases do not meet that bar today and are pinned twice: an ignored test with the wanted
-//! behaviour, and a passing one with what happens now (`Content-Length` together with
-//! `Transfer-Encoding: chunked` is framed by the latter and forwarded; a broken chunked body
-//! becomes a 502 and may leave a truncated request at the upstream).
+//! Framing the sidecar cannot forward faithfully is refused and the connection closed
+//! (`Transfer-Encoding` other than exactly `chunked`, `Content-Length` together with
+//! `Transfer-Encoding`). Header
+//! rules in both directions: names in `Connection` go whatever bytes surround them, and an
+//! upstream cannot send `token-sidecar-error` to the application. The raw requests say `Host: a`,
+//! which the setup's `allowed_hosts` makes local.
 //!
 //! Every exchange is bounded by a timeout; every test is bounded as a whole.
 
@@ -32,7 +34,8 @@ struct Setup {
 }
 
 /// A sidecar with small head limits (16 KiB, 20 headers) and one path route `/api/` (stripped)
-/// to a recording upstream; ready (its token fetched) when this returns.
+/// to a recording upstream; ready (its token fetched) when this returns. The raw requests say
+/// `Host: a`, which `allowed_hosts` lets path routes answer.
 async fn setup() -> Setup {
     let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
     let up = Upstream::start().await;
@@ -42,6 +45,7 @@ async fn setup() -> Setup {
                 p.header_read_timeout = Duration::from_secs(3);
                 p.max_header_bytes = 16384;
                 p.max_headers = 20;
+                p.allowed_hosts = vec!["a".into()];
             })
             .route(RouteBuilder::path("api", "/api/", &up.url()).scope(&["orders:read"])),
     )
@@ -52,7 +56,7 @@ async fn setup() -> Setup {
 
 /// How a raw exchange ended.
 #[derive(Debug, PartialEq, Eq)]
-enum End {
+pub(crate) enum End {
     /// A whole response (head plus its declared body) arrived.
     Response,
     /// The sidecar closed the connection (FIN) after whatever it sent.
@@ -64,15 +68,15 @@ enum End {
 }
 
 #[derive(Debug)]
-struct Reply {
-    status: Option<u16>,
-    head: String,
-    body: Vec<u8>,
-    end: End,
+pub(crate) struct Reply {
+    pub(crate) status: Option<u16>,
+    pub(crate) head: String,
+    pub(crate) body: Vec<u8>,
+    pub(crate) end: End,
 }
 
 impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.head.lines().skip(1).find_map(|l| {
             let (n, v) = l.split_once(':')?;
             n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
@@ -149,7 +153,7 @@ fn complete(buf: &[u8]) -> bool {
 
 /// Opens a new connection, writes `request` (a server that refuses early may close or reset
 /// while the rest is still being written; that is not an error here), then reads the answer.
-async fn exchange(addr: SocketAddr, request: &[u8]) -> Reply {
+pub(crate) async fn exchange(addr: SocketAddr, request: &[u8]) -> Reply {
     let mut stream = tokio::time::timeout(EXCHANGE_BOUND, TcpStream::connect(addr))
         .await
         .expect("connect in time")
@@ -194,11 +198,11 @@ async fn exchange(addr: SocketAddr, request: &[u8]) -> Reply {
 
 /// The upstream records a request once its handler has run; give a forwarded request time to
 /// arrive before asserting that none did.
-async fn settle() {
+pub(crate) async fn settle() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
-async fn bounded(test: impl std::future::Future<Output = ()>) {
+pub(crate) async fn bounded(test: impl std::future::Future<Output = ()>) {
     tokio::time::timeout(TEST_BOUND, test)
         .await
         .expect("test finished in time");
@@ -393,43 +397,53 @@ async fn malformed_heads_and_body_framing_are_400_and_not_forwarded() {
     .await;
 }
 
-/// `Content-Length` + `Transfer-Encoding`: RFC 9112 §6.1 lets a server either refuse it or frame
-/// the body by `Transfer-Encoding` alone and close the connection after answering. hyper does
-/// the latter (and drops `Content-Length` before the sidecar sees the request), so it is not a
-/// smuggling vector: the upstream gets the body without `Content-Length`, the bytes after the
-/// chunked body are never run as a second request, and the connection is closed.
+/// `Content-Length` + `Transfer-Encoding` (request smuggling's classic shape): hyper frames it
+/// by `Transfer-Encoding` and hides `Content-Length` from the service; the sidecar, which sees
+/// the head's bytes (`server::framing`), refuses it with 400 and `Connection: close`, as Envoy
+/// does. Nothing is forwarded and the trailing request is never run. On a keep-alive connection
+/// the request with both headers is refused also when it is not the first.
 #[tokio::test]
-async fn content_length_with_chunked_cannot_smuggle() {
+async fn content_length_with_transfer_encoding_is_400_and_closes_the_connection() {
     bounded(async {
         let s = setup().await;
         for (what, req) in [("CL then TE", CL_AND_TE), ("TE then CL", TE_AND_CL)] {
-            let before = s.up.count();
-            let r = exchange(s.sc.addr, req).await;
-            settle().await;
-            let got = s.up.received();
+            let (text, closed) = exchange_to_close(s.sc.addr, req).await;
+            assert!(text.starts_with("HTTP/1.1 400 "), "{what}: {text}");
+            let lower = text.to_ascii_lowercase();
             assert!(
-                got.iter().all(|g| !g.path_and_query.contains("smuggled")),
-                "{what}: the trailing request was run: {got:?}"
+                lower.contains("token-sidecar-error: bad_request"),
+                "{what}: {text}"
             );
-            for g in &got[before..] {
-                assert!(
-                    g.headers.get("content-length").is_none_or(|v| v == "0"),
-                    "{what}: forwarded with the client's Content-Length: {g:?}"
-                );
-                assert_eq!(g.body_len, 0, "{what}: {g:?}");
-            }
-            assert!(
-                r.status.is_none_or(|s| s == 200 || (400..500).contains(&s)),
-                "{what}: {r:?}"
-            );
-            // Exactly one response, and the connection does not stay open for the rest.
-            assert_ne!(r.end, End::TimedOut, "{what}: connection kept open: {r:?}");
-            let text = String::from_utf8_lossy(&r.body);
-            assert!(
-                !text.contains("HTTP/1.1"),
-                "{what}: a second response: {text}"
-            );
+            assert!(lower.contains("connection: close"), "{what}: {text}");
+            assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{what}: {text}");
+            assert!(closed, "{what}: the connection stayed open");
         }
+        // The conflicting request second on a keep-alive connection.
+        let mut stream = TcpStream::connect(s.sc.addr).await.unwrap();
+        stream
+            .write_all(b"GET /api/first HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(EXCHANGE_BOUND, stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200 "),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        stream.write_all(CL_AND_TE).await.unwrap();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(EXCHANGE_BOUND, stream.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the connection stayed open");
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(rest.starts_with("HTTP/1.1 400 "), "{rest}");
+        settle().await;
+        let got = s.up.received();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].path_and_query, "/first");
         s.sc.stop().await;
     })
     .await;
@@ -602,6 +616,177 @@ async fn sidecar_keeps_serving_after_hostile_input() {
         );
         assert_eq!(s.up.count(), 1);
         s.sc.stop().await;
+    })
+    .await;
+}
+
+/// Writes `request` on a new connection and reads until the sidecar closes it (bounded): the
+/// bytes, and whether it closed within the bound.
+async fn exchange_to_close(addr: SocketAddr, request: &[u8]) -> (String, bool) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let _ = tokio::time::timeout(EXCHANGE_BOUND, stream.write_all(request)).await;
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(EXCHANGE_BOUND, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&buf).into_owned(), closed)
+}
+
+/// Transfer codings other than exactly `chunked` are refused with 400 and the connection is
+/// closed, so the body bytes that follow are never read as a next request. `gzip, chunked` and
+/// repeated `chunked` reach the sidecar (hyper frames by the last coding) and it refuses them
+/// itself with `Connection: close`; a last coding other than `chunked`, and any coding in
+/// HTTP/1.0, hyper's parser refuses before the sidecar sees the request, also closing.
+#[tokio::test]
+async fn transfer_codings_other_than_chunked_are_400_and_close_the_connection() {
+    bounded(async {
+        let s = setup().await;
+        let body_then_next = "5\r\nhello\r\n0\r\n\r\nGET /api/next HTTP/1.1\r\nHost: a\r\n\r\n";
+        let by_sidecar = [
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "Transfer-Encoding: identity, chunked\r\n",
+            "Transfer-Encoding: chunked, chunked\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+        ];
+        let by_hyper = [
+            "Transfer-Encoding: chunked, gzip\r\n",
+            "Transfer-Encoding: gzip\r\n",
+            "Transfer-Encoding: \r\n",
+        ];
+        for (te, ours) in by_sidecar
+            .iter()
+            .map(|t| (t, true))
+            .chain(by_hyper.iter().map(|t| (t, false)))
+        {
+            let req = format!("POST /api/x HTTP/1.1\r\nHost: a\r\n{te}\r\n{body_then_next}");
+            let (text, closed) = exchange_to_close(s.sc.addr, req.as_bytes()).await;
+            assert!(text.starts_with("HTTP/1.1 400 "), "{te:?}: {text}");
+            assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{te:?}: {text}");
+            assert!(closed, "{te:?}: the connection stayed open");
+            let lower = text.to_ascii_lowercase();
+            if ours {
+                assert!(lower.contains("token-sidecar-error: bad_request"), "{te:?}: {text}");
+                assert!(lower.contains("connection: close"), "{te:?}: {text}");
+            }
+        }
+        // The framing refusal wins over every other one, so the connection is always closed.
+        let req = format!(
+            "TRACE /api/../x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\
+Transfer-Encoding: gzip, chunked\r\n\r\n{body_then_next}"
+        );
+        let (text, closed) = exchange_to_close(s.sc.addr, req.as_bytes()).await;
+        assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+        assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+        assert!(closed, "the connection stayed open");
+        settle().await;
+        assert_eq!(s.up.count(), 0, "{:?}", s.up.received());
+        // Plain `chunked`, in any case, still streams through.
+        let req = b"POST /api/ok HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let r = exchange(s.sc.addr, req).await;
+        assert_eq!(r.status, Some(200), "{r:?}");
+        assert_eq!(s.up.received()[0].body.as_deref(), Some(&b"hello"[..]));
+        s.sc.stop().await;
+    })
+    .await;
+}
+
+/// Every header the application names in `Connection` is dropped, even when the list also
+/// holds bytes that are not ASCII (which used to make the sidecar ignore the whole list).
+#[tokio::test]
+async fn connection_names_with_non_ascii_neighbours_are_still_stripped() {
+    bounded(async {
+        let s = setup().await;
+        let req =
+            b"GET /api/hop HTTP/1.1\r\nHost: a\r\nConnection: X-Secret-Hop, caf\xc3\xa9, \xff\r\n\
+X-Secret-Hop: for-the-sidecar-only\r\nX-Kept: 1\r\nConnection: close\r\n\r\n";
+        let r = exchange(s.sc.addr, req).await;
+        assert_eq!(r.status, Some(200), "{r:?}");
+        let got = s.up.received();
+        assert_eq!(got.len(), 1);
+        assert!(
+            got[0].headers.get("x-secret-hop").is_none(),
+            "{:?}",
+            got[0].headers
+        );
+        assert_eq!(got[0].headers["x-kept"], "1");
+        s.sc.stop().await;
+    })
+    .await;
+}
+
+/// An upstream on loopback that answers every request with `response` and closes; counts them.
+async fn raw_upstream(
+    response: &'static [u8],
+) -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while find(&head, b"\r\n\r\n").is_none() && head.len() < 65536 {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = stream.write_all(response).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (addr, count, task)
+}
+
+/// The application sees `token-sidecar-error` only when the sidecar itself made the error: an
+/// upstream's copy is removed (the upstream's status and body pass unchanged), and so are the
+/// headers the upstream names in `Connection`, non-ASCII bytes in that list notwithstanding.
+#[tokio::test]
+async fn an_upstream_cannot_speak_for_the_sidecar_or_hide_its_hop_by_hop_headers() {
+    bounded(async {
+        let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
+        let (up, count, task) = raw_upstream(
+            b"HTTP/1.1 502 Bad Gateway\r\nToken-Sidecar-Error: token_rejected\r\n\
+Connection: X-Up-Hop, \xff\xfe\r\nX-Up-Hop: upstream-only\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\nno",
+        )
+        .await;
+        let sc = Running::start(
+            SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem"))
+                .route(RouteBuilder::path("api", "/api/", &format!("http://{up}"))),
+        )
+        .await;
+        sc.wait_ready().await;
+        let r = exchange(
+            sc.addr,
+            b"GET /api/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(r.status, Some(502), "{r:?}");
+        assert_eq!(r.body, b"no");
+        assert_eq!(r.header("x-kept"), Some("1"), "{r:?}");
+        assert!(r.header("token-sidecar-error").is_none(), "{r:?}");
+        assert!(r.header("x-up-hop").is_none(), "{r:?}");
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        task.abort();
+        sc.stop().await;
     })
     .await;
 }

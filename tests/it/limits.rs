@@ -106,7 +106,7 @@ async fn read_response(s: &mut TcpStream) -> std::io::Result<RawResponse> {
 
 /// A keep-alive `GET` request head.
 fn get(path: &str, extra_headers: &str) -> Vec<u8> {
-    format!("GET {path} HTTP/1.1\r\nHost: sidecar.test\r\n{extra_headers}\r\n").into_bytes()
+    format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra_headers}\r\n").into_bytes()
 }
 
 /// One request on a new connection, answer read (bounded).
