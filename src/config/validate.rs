@@ -40,6 +40,7 @@ impl Config {
     }
 
     fn validate_proxy(&self, p: &mut Problems) {
+        server_limits(self, p);
         let px = &self.proxy;
         if px.max_connections == 0 {
             p.add("proxy.max_connections", "must be at least 1");
@@ -321,6 +322,50 @@ fn check_ca_file(p: &mut Problems, key: &str, path: &Path) {
     }
 }
 
+/// The listeners' hardening limits (docs/spec.md §6): each bounded both ways, so a typo cannot
+/// switch a protection off (zero) or make it meaningless (hours).
+fn server_limits(c: &Config, p: &mut Problems) {
+    use std::time::Duration;
+    let in_range = |p: &mut Problems, key: &str, d: Duration, max: Duration| {
+        if d.is_zero() || d > max {
+            p.add(
+                key,
+                format!(
+                    "must be greater than zero and at most {}",
+                    humantime::format_duration(max)
+                ),
+            );
+        }
+    };
+    in_range(
+        p,
+        "proxy.body_read_timeout",
+        c.proxy.body_read_timeout,
+        Duration::from_secs(3600),
+    );
+    in_range(
+        p,
+        "admin.header_read_timeout",
+        c.admin.header_read_timeout,
+        Duration::from_secs(60),
+    );
+    // Each stream may hold a request's buffers: the memory arithmetic of §6 assumes a few.
+    if !(1..=1000).contains(&c.proxy.max_concurrent_streams) {
+        p.add("proxy.max_concurrent_streams", "must be between 1 and 1000");
+    }
+    if c.admin.max_connections == 0 {
+        p.add("admin.max_connections", "must be at least 1");
+    }
+    if c.admin.max_connections_per_peer == 0
+        || c.admin.max_connections_per_peer > c.admin.max_connections
+    {
+        p.add(
+            "admin.max_connections_per_peer",
+            "must be at least 1 and at most admin.max_connections",
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::from_toml_str;
@@ -369,5 +414,41 @@ upstream = "https://x.example.com"
         assert!(!is_scope_token("a b"));
         assert!(!is_scope_token("a\"b"));
         assert!(!is_scope_token("a\\b"));
+    }
+
+    #[test]
+    fn the_listener_limits_are_bounded() {
+        let text = r#"
+[proxy]
+body_read_timeout = "0s"
+max_concurrent_streams = 0
+
+[admin]
+max_connections = 10
+max_connections_per_peer = 11
+header_read_timeout = "5m"
+
+[token]
+token_url = "https://idp.example.com/token"
+client_id = "c"
+auth_method = "client_secret_post"
+client_secret = "s"
+
+[[route]]
+name = "a"
+path_prefix = "/a/"
+upstream = "https://a.example.com"
+"#;
+        let err = from_toml_str(text).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "proxy.body_read_timeout",
+                "admin.header_read_timeout",
+                "proxy.max_concurrent_streams",
+                "admin.max_connections_per_peer",
+            ]
+        );
     }
 }

@@ -24,6 +24,8 @@ pub enum ProxyError {
     MethodNotAllowed(String),
     #[error("{0}")]
     BadRequest(&'static str),
+    #[error("the request body made no progress for {0:?}")]
+    RequestTimeout(std::time::Duration),
     #[error("{0}")]
     Token(TokenFailure),
     #[error("upstream unreachable: {0}")]
@@ -63,6 +65,7 @@ impl ProxyError {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ProxyError::Token(TokenFailure(TokenError::Fetch { error, .. }))
                 if error.kind() == FailureKind::Rejected =>
             {
@@ -183,6 +186,11 @@ mod tests {
                 "method_not_allowed",
             ),
             (ProxyError::BadRequest("bad"), 400, "bad_request"),
+            (
+                ProxyError::RequestTimeout(Duration::from_secs(30)),
+                408,
+                "request_timeout",
+            ),
             (
                 ProxyError::UpstreamUnavailable("refused".into()),
                 502,

@@ -13,9 +13,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::RouteConfig;
 use crate::tls::{self, TlsError};
 
-/// A request body to the upstream: streamed from the downstream, or buffered (small bodies,
-/// kept for a replay after a 401).
-pub(crate) type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+/// A request body to the upstream: streamed from the downstream (under its progress deadline),
+/// or buffered (small bodies, kept for a replay after a 401).
+pub(crate) type UpstreamBody =
+    http_body_util::Either<super::body::DeadlineBody<Incoming>, http_body_util::Full<bytes::Bytes>>;
 
 pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 

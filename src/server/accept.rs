@@ -1,17 +1,30 @@
 //! The one accept loop, shared by the proxy listeners, the admin listener, the development
 //! authorization server and the echo upstream.
 //!
-//! Invariants: at most `max_connections` connections are served at once per listener (the rest
-//! wait in the kernel's backlog); every connection runs under the watchdog of
-//! [`super::conn`] (header-read and idle timeouts); on `stop` no new connection is accepted and
-//! the served ones drain gracefully (HTTP/2 GOAWAY, HTTP/1 close when idle); on `cut` whatever is
-//! left is dropped. An accept error (usually EMFILE) pauses the loop for 50 ms instead of
-//! spinning.
+//! Invariants: every connection runs under the watchdog of [`super::conn`] (header-read and
+//! idle timeouts); on `stop` no new connection is accepted and the served ones drain gracefully
+//! (HTTP/2 GOAWAY, HTTP/1 close when idle); on `cut` whatever is left is dropped. An accept
+//! error (usually EMFILE) pauses the loop for 50 ms instead of spinning.
+//!
+//! How many connections a listener serves is its [`Admission`]:
+//!
+//! - [`Admission::Queue`] (the proxy listeners): at most `max_connections` connections at once,
+//!   the rest wait in the kernel's backlog; and at most as many requests in flight, HTTP/2
+//!   streams each counting as one, so memory is bounded by requests, not by connections ×
+//!   streams (docs/spec.md §6 has the arithmetic). A stream over the limit waits for a slot
+//!   holding only its head.
+//! - [`Admission::PerPeer`] (the admin listener): a cap per peer address and a larger one for
+//!   the listener, a newcomer making room by evicting an idle connection ([`super::peers`]), so
+//!   idle connections cannot keep probes out.
+//!
+//! Every buffer a connection can fill is bounded here: HTTP/1 read and write buffers by
+//! `max_header_bytes`, HTTP/2 by its flow-control windows and send buffer (below) and by
+//! `max_concurrent_streams`.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,10 +41,39 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::conn::{self, TrackedBody, TrackedIo, Tracker, Verdict};
-use crate::config::ProxyConfig;
+use super::peers::PeerTable;
+use crate::config::{AdminConfig, ProxyConfig};
+
+/// HTTP/2 flow control on the proxy listeners. The peer is the application on loopback, where
+/// 64 KiB per stream and 256 KiB per connection keep a stream at link speed (the round trip is
+/// microseconds) while bounding what one connection can make us buffer (hyper's defaults are
+/// 1 MiB and 1 MiB).
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
+/// Response bytes buffered per HTTP/2 stream ahead of the client's window (hyper: 400 KiB).
+const H2_MAX_SEND_BUF: usize = 64 * 1024;
+
+/// The admin listener serves small GETs only (no bodies are read): its heads are capped at
+/// hyper's smallest buffer, and its HTTP/2 at a few streams with small windows.
+const ADMIN_MAX_HEADER_BYTES: usize = 8192;
+const ADMIN_MAX_HEADERS: usize = 32;
+const ADMIN_MAX_STREAMS: u32 = 4;
+const ADMIN_H2_WINDOW: u32 = 16 * 1024;
+
+/// The limits one listener applies to each of its connections.
+#[derive(Clone, Copy, Debug)]
+struct ConnLimits {
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    max_header_bytes: usize,
+    max_headers: usize,
+    max_concurrent_streams: u32,
+    h2_stream_window: u32,
+    h2_connection_window: u32,
+}
 
 /// What every connection task of one server shares: the signals to drain and to cut, the
-/// tracker the shutdown waits on, and the per-connection limits.
+/// tracker the shutdown waits on, and the per-connection limits of the listener it serves.
 #[derive(Clone, Debug)]
 pub(crate) struct Connections {
     /// Stop accepting; drain connections gracefully.
@@ -39,10 +81,7 @@ pub(crate) struct Connections {
     /// The grace period is over: drop whatever is left.
     pub(crate) cut: CancellationToken,
     pub(crate) tasks: TaskTracker,
-    header_read_timeout: Duration,
-    idle_timeout: Duration,
-    max_header_bytes: usize,
-    max_headers: usize,
+    limits: ConnLimits,
 }
 
 impl Connections {
@@ -52,34 +91,74 @@ impl Connections {
             stop: CancellationToken::new(),
             cut: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            header_read_timeout: limits.header_read_timeout,
-            idle_timeout: limits.idle_timeout,
-            max_header_bytes: limits.max_header_bytes,
-            max_headers: limits.max_headers,
+            limits: ConnLimits {
+                header_read_timeout: limits.header_read_timeout,
+                idle_timeout: limits.idle_timeout,
+                max_header_bytes: limits.max_header_bytes,
+                max_headers: limits.max_headers,
+                max_concurrent_streams: limits.max_concurrent_streams,
+                h2_stream_window: H2_STREAM_WINDOW,
+                h2_connection_window: H2_CONNECTION_WINDOW,
+            },
+        }
+    }
+
+    /// The same shutdown signals and tracker, with the admin listener's limits: its own
+    /// (short) head timeout, small heads, few streams.
+    pub(crate) fn admin(&self, admin: &AdminConfig) -> Connections {
+        Connections {
+            limits: ConnLimits {
+                header_read_timeout: admin.header_read_timeout,
+                max_header_bytes: ADMIN_MAX_HEADER_BYTES,
+                max_headers: ADMIN_MAX_HEADERS,
+                max_concurrent_streams: ADMIN_MAX_STREAMS,
+                h2_stream_window: ADMIN_H2_WINDOW,
+                h2_connection_window: ADMIN_H2_WINDOW,
+                ..self.limits
+            },
+            ..self.clone()
         }
     }
 
     fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let l = &self.limits;
         let mut b = auto::Builder::new(TokioExecutor::new());
         // hyper's header timer also runs while a keep-alive connection idles; conn.rs enforces
-        // both timeouts separately instead.
+        // both timeouts separately instead. max_buf_size bounds the read buffer (so the head)
+        // and the write buffer.
         b.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(None)
-            .max_buf_size(self.max_header_bytes)
-            .max_headers(self.max_headers);
+            .max_buf_size(l.max_header_bytes)
+            .max_headers(l.max_headers);
         b.http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(l.max_concurrent_streams)
+            .initial_stream_window_size(l.h2_stream_window)
+            .initial_connection_window_size(l.h2_connection_window)
+            .max_send_buf_size(H2_MAX_SEND_BUF);
         b
     }
+}
+
+/// How a listener decides which connections it serves (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Admission {
+    /// At most this many connections, and as many requests in flight; the rest wait.
+    Queue { max_connections: usize },
+    /// At most `max_connections`, and `per_peer` per peer address; newcomers evict idle ones.
+    PerPeer {
+        max_connections: usize,
+        per_peer: usize,
+    },
 }
 
 /// Accepts on `listener` until `conns.stop`, serving each connection's requests with `handler`.
 pub(crate) async fn accept_loop<H, F, B>(
     listener: TcpListener,
     handler: H,
-    max_connections: usize,
+    admission: Admission,
     conns: Connections,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -88,11 +167,31 @@ pub(crate) async fn accept_loop<H, F, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let builder = conns.builder();
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let (permits, requests, peers) = match admission {
+        Admission::Queue { max_connections } => (
+            Some(Arc::new(Semaphore::new(max_connections))),
+            Some(Arc::new(Semaphore::new(max_connections))),
+            None,
+        ),
+        Admission::PerPeer {
+            max_connections,
+            per_peer,
+        } => (
+            None,
+            None,
+            Some(Arc::new(Mutex::new(PeerTable::new(
+                max_connections,
+                per_peer,
+            )))),
+        ),
+    };
     loop {
-        let permit = tokio::select! {
-            _ = conns.stop.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+        let permit = match &permits {
+            Some(p) => tokio::select! {
+                _ = conns.stop.cancelled() => break,
+                p = p.clone().acquire_owned() => Some(p.expect("semaphore is never closed")),
+            },
+            None => None,
         };
         let (stream, peer) = tokio::select! {
             _ = conns.stop.cancelled() => break,
@@ -106,23 +205,42 @@ pub(crate) async fn accept_loop<H, F, B>(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
         let tracker = Tracker::new();
+        let ticket = match &peers {
+            Some(table) => match PeerTable::admit_shared(table, peer.ip(), tracker.clone()) {
+                Ok(t) => Some(t),
+                Err(why) => {
+                    tracing::debug!(%peer, reason = ?why, "connection refused");
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let in_service = tracker.clone();
+        let requests = requests.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let in_flight = in_service.request_started(req.version());
-            let resp = handler(req);
+            let handler = handler.clone();
+            let requests = requests.clone();
             async move {
-                let resp = resp.await;
-                Ok::<_, Infallible>(resp.map(|b| TrackedBody::new(b, in_flight)))
+                // The request's slot: waited for with only its head in memory.
+                let slot = match requests {
+                    Some(r) => Some(r.acquire_owned().await.expect("semaphore is never closed")),
+                    None => None,
+                };
+                let resp = handler(req).await;
+                Ok::<_, Infallible>(resp.map(|b| TrackedBody::new(b, in_flight, slot)))
             }
         });
         let io = TokioIo::new(TrackedIo::new(stream, tracker.clone()));
         let conn = builder.serve_connection(io, service).into_owned();
         let conns = conns.clone();
         conns.tasks.clone().spawn(async move {
-            serve(conn, tracker, &conns, peer).await;
+            let evicted = ticket.as_ref().map(|t| t.evict.clone()).unwrap_or_default();
+            serve(conn, tracker, &conns, peer, evicted).await;
+            drop(ticket);
             drop(permit);
         });
     }
@@ -143,19 +261,28 @@ where
     tokio::spawn(accept_loop(
         listener,
         handler,
-        limits.max_connections,
+        Admission::Queue {
+            max_connections: limits.max_connections,
+        },
         conns,
     ))
 }
 
-/// Drives one connection until it ends, its watchdog fires, or shutdown drains or cuts it.
-async fn serve<C>(conn: C, tracker: Arc<Tracker>, conns: &Connections, peer: SocketAddr)
-where
+/// Drives one connection until it ends, its watchdog fires, it is evicted to make room for a
+/// newer one, or shutdown drains or cuts it.
+async fn serve<C>(
+    conn: C,
+    tracker: Arc<Tracker>,
+    conns: &Connections,
+    peer: SocketAddr,
+    evicted: CancellationToken,
+) where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
     let mut conn = std::pin::pin!(conn);
-    let watchdog = conn::watchdog(tracker, conns.header_read_timeout, conns.idle_timeout);
+    let limits = &conns.limits;
+    let watchdog = conn::watchdog(tracker, limits.header_read_timeout, limits.idle_timeout);
     let mut watchdog = std::pin::pin!(watchdog);
     let mut draining = false;
     loop {
@@ -174,6 +301,11 @@ where
                 }
                 conn.as_mut().graceful_shutdown();
                 draining = true;
+            }
+            _ = evicted.cancelled() => {
+                // Idle by construction (only idle connections are evicted): nothing is lost.
+                tracing::debug!(%peer, "closing an idle connection to make room for a newer one");
+                return;
             }
             _ = conns.stop.cancelled(), if !draining => {
                 conn.as_mut().graceful_shutdown();

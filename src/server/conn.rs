@@ -77,6 +77,11 @@ impl Tracker {
         InFlight(self.clone())
     }
 
+    /// No request in flight: silent, sending a head, or kept alive between requests.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+    }
+
     fn snapshot(&self) -> Snapshot {
         let head = self.head_started.load(Ordering::Relaxed);
         Snapshot {
@@ -222,18 +227,25 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
 }
 
 /// A response body that keeps its request counted as in flight until it is finished or dropped,
-/// so a long download is never mistaken for an idle connection.
+/// so a long download is never mistaken for an idle connection, and holds the request's slot
+/// in its listener's request limit (see `accept.rs`) for as long.
 #[derive(Debug)]
 pub(crate) struct TrackedBody<B> {
     inner: B,
     _in_flight: InFlight,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl<B> TrackedBody<B> {
-    pub(crate) fn new(inner: B, in_flight: InFlight) -> Self {
+    pub(crate) fn new(
+        inner: B,
+        in_flight: InFlight,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Self {
         TrackedBody {
             inner,
             _in_flight: in_flight,
+            _slot: slot,
         }
     }
 }
