@@ -253,7 +253,7 @@ async fn sigint_shuts_down_gracefully_too() {
 
         // An idle keep-alive connection must not hold the shutdown for the whole grace.
         let mut idle = TcpStream::connect(sc.proxy).await.unwrap();
-        idle.write_all(b"GET /orders/idle HTTP/1.1\r\nHost: sidecar.test\r\n\r\n")
+        idle.write_all(b"GET /orders/idle HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .await
             .unwrap();
         let mut buf = [0u8; 1024];
