@@ -8,14 +8,16 @@
 //!
 //! How many connections a listener serves is its [`Admission`]:
 //!
-//! - [`Admission::Queue`] (the proxy listeners): at most `max_connections` connections at once,
-//!   the rest wait in the kernel's backlog; and at most as many requests in flight, HTTP/2
-//!   streams each counting as one, so memory is bounded by requests, not by connections ×
-//!   streams (docs/spec.md §6 has the arithmetic). A stream over the limit waits for a slot
-//!   holding only its head.
+//! - [`Admission::Queue`] (the proxy listeners): at most `max_connections` connections at once.
+//!   A new connection over the cap closes the oldest one kept alive between requests (an
+//!   application's pool of idle keep-alive connections must not keep its newer connections
+//!   out); when there is none it waits, and the loop accepts nothing more meanwhile, so the rest wait in the
+//!   kernel's backlog. At most as many requests are in flight, HTTP/2 streams each counting as
+//!   one, so memory is bounded by requests, not by connections × streams (docs/spec.md §6 has
+//!   the arithmetic); a stream over the limit waits for a slot holding only its head.
 //! - [`Admission::PerPeer`] (the admin listener): a cap per peer address and a larger one for
-//!   the listener, a newcomer making room by evicting an idle connection ([`super::peers`]), so
-//!   idle connections cannot keep probes out.
+//!   the listener, a newcomer making room by evicting an idle connection, or being closed when
+//!   none is idle ([`super::peers`]), so idle connections cannot keep probes out.
 //!
 //! Every buffer a connection can fill is bounded here: HTTP/1 read and write buffers by
 //! `max_header_bytes`, HTTP/2 by its flow-control windows and send buffer (below) and by
@@ -24,7 +26,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,24 +43,25 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::conn::{self, TrackedBody, TrackedIo, Tracker, Verdict};
-use super::peers::PeerTable;
+use super::peers::Admissions;
 use crate::config::{AdminConfig, ProxyConfig};
 
 /// HTTP/2 flow control on the proxy listeners. The peer is the application on loopback, where
-/// 64 KiB per stream and 256 KiB per connection keep a stream at link speed (the round trip is
+/// 64 KiB per stream and 128 KiB per connection keep a stream at link speed (the round trip is
 /// microseconds) while bounding what one connection can make us buffer (hyper's defaults are
 /// 1 MiB and 1 MiB).
-const H2_STREAM_WINDOW: u32 = 64 * 1024;
-const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
+pub(crate) const H2_STREAM_WINDOW: u32 = 64 * 1024;
+pub(crate) const H2_CONNECTION_WINDOW: u32 = 128 * 1024;
 /// Response bytes buffered per HTTP/2 stream ahead of the client's window (hyper: 400 KiB).
-const H2_MAX_SEND_BUF: usize = 64 * 1024;
+pub(crate) const H2_MAX_SEND_BUF: usize = 64 * 1024;
 
 /// The admin listener serves small GETs only (no bodies are read): its heads are capped at
-/// hyper's smallest buffer, and its HTTP/2 at a few streams with small windows.
-const ADMIN_MAX_HEADER_BYTES: usize = 8192;
+/// hyper's smallest buffer, and its HTTP/2 at one stream at a time with small windows (probes and
+/// scrapes use HTTP/1.1 and one request per connection anyway).
+pub(crate) const ADMIN_MAX_HEADER_BYTES: usize = 8192;
 const ADMIN_MAX_HEADERS: usize = 32;
-const ADMIN_MAX_STREAMS: u32 = 4;
-const ADMIN_H2_WINDOW: u32 = 16 * 1024;
+pub(crate) const ADMIN_MAX_STREAMS: u32 = 1;
+pub(crate) const ADMIN_H2_WINDOW: u32 = 16 * 1024;
 
 /// The limits one listener applies to each of its connections.
 #[derive(Clone, Copy, Debug)]
@@ -142,10 +145,14 @@ impl Connections {
     }
 }
 
+/// How often a listener waiting for room re-checks whether a busy connection went idle.
+const ROOM_POLL: Duration = Duration::from_millis(50);
+
 /// How a listener decides which connections it serves (see the module docs).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Admission {
-    /// At most this many connections, and as many requests in flight; the rest wait.
+    /// At most this many connections (newcomers evict idle ones, else wait), and as many
+    /// requests in flight.
     Queue { max_connections: usize },
     /// At most `max_connections`, and `per_peer` per peer address; newcomers evict idle ones.
     PerPeer {
@@ -167,32 +174,22 @@ pub(crate) async fn accept_loop<H, F, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let builder = conns.builder();
-    let (permits, requests, peers) = match admission {
+    let (admissions, requests, wait_for_room) = match admission {
         Admission::Queue { max_connections } => (
+            Admissions::new(max_connections, max_connections, false),
             Some(Arc::new(Semaphore::new(max_connections))),
-            Some(Arc::new(Semaphore::new(max_connections))),
-            None,
+            true,
         ),
         Admission::PerPeer {
             max_connections,
             per_peer,
         } => (
+            Admissions::new(max_connections, per_peer, true),
             None,
-            None,
-            Some(Arc::new(Mutex::new(PeerTable::new(
-                max_connections,
-                per_peer,
-            )))),
+            false,
         ),
     };
-    loop {
-        let permit = match &permits {
-            Some(p) => tokio::select! {
-                _ = conns.stop.cancelled() => break,
-                p = p.clone().acquire_owned() => Some(p.expect("semaphore is never closed")),
-            },
-            None => None,
-        };
+    'accept: loop {
         let (stream, peer) = tokio::select! {
             _ = conns.stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -206,15 +203,19 @@ pub(crate) async fn accept_loop<H, F, B>(
             },
         };
         let tracker = Tracker::new();
-        let ticket = match &peers {
-            Some(table) => match PeerTable::admit_shared(table, peer.ip(), tracker.clone()) {
-                Ok(t) => Some(t),
-                Err(why) => {
+        // Bounded by the connections it waits for: each ends, goes idle, or is cut at shutdown.
+        let ticket = loop {
+            match admissions.admit(peer.ip(), tracker.clone()) {
+                Ok(t) => break t,
+                Err(why) if !wait_for_room => {
                     tracing::debug!(%peer, reason = ?why, "connection refused");
-                    continue;
+                    continue 'accept;
                 }
-            },
-            None => None,
+                Err(_) => tokio::select! {
+                    _ = conns.stop.cancelled() => break 'accept,
+                    _ = admissions.room(ROOM_POLL) => {}
+                },
+            }
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
@@ -238,10 +239,8 @@ pub(crate) async fn accept_loop<H, F, B>(
         let conn = builder.serve_connection(io, service).into_owned();
         let conns = conns.clone();
         conns.tasks.clone().spawn(async move {
-            let evicted = ticket.as_ref().map(|t| t.evict.clone()).unwrap_or_default();
-            serve(conn, tracker, &conns, peer, evicted).await;
+            serve(conn, tracker, &conns, peer, ticket.evict.clone()).await;
             drop(ticket);
-            drop(permit);
         });
     }
 }

@@ -34,6 +34,8 @@ pub(crate) struct Tracker {
     /// HTTP/2 clients send frames (SETTINGS acks, WINDOW_UPDATEs, PINGs) between requests; after
     /// the first request the header clock no longer applies to them, only the idle clock.
     http2: AtomicBool,
+    /// At least one request has been handed to the service.
+    served: AtomicBool,
 }
 
 impl Tracker {
@@ -46,6 +48,7 @@ impl Tracker {
             head_started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             http2: AtomicBool::new(false),
+            served: AtomicBool::new(false),
         })
     }
 
@@ -73,6 +76,7 @@ impl Tracker {
             self.http2.store(true, Ordering::Relaxed);
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.served.store(true, Ordering::Relaxed);
         self.head_started.store(NONE, Ordering::Relaxed);
         InFlight(self.clone())
     }
@@ -80,6 +84,20 @@ impl Tracker {
     /// No request in flight: silent, sending a head, or kept alive between requests.
     pub(crate) fn is_idle(&self) -> bool {
         self.in_flight.load(Ordering::Relaxed) == 0
+    }
+
+    /// Kept alive between requests for at least `quiet`: served at least one, none in flight,
+    /// no next head arriving, no bytes moved for `quiet`. Closing it costs the client a
+    /// reconnect; `quiet` keeps us from closing a connection the client is reusing right now
+    /// (its request would be cut before we read it).
+    pub(crate) fn is_kept_alive_idle(&self, quiet: Duration) -> bool {
+        self.is_idle()
+            && self.served.load(Ordering::Relaxed)
+            && self.head_started.load(Ordering::Relaxed) == NONE
+            && self
+                .now_ms()
+                .saturating_sub(self.last_io.load(Ordering::Relaxed))
+                >= quiet.as_millis() as u64
     }
 
     fn snapshot(&self) -> Snapshot {

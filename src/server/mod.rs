@@ -9,6 +9,8 @@
 
 pub(crate) mod accept;
 pub(crate) mod admin;
+#[cfg(test)]
+mod budget;
 pub(crate) mod conn;
 pub(crate) mod peers;
 

@@ -166,32 +166,32 @@ async fn max_connections_leaves_further_clients_waiting_until_a_slot_frees() {
         .await;
         sc.wait_ready().await;
 
-        // Two clients make one request each and keep their connections open, idle.
+        // Two clients each have a 1.5 s request in flight: both slots are busy.
         let mut held = Vec::new();
         for i in 0..2 {
             let mut s = TcpStream::connect(sc.addr).await.unwrap();
-            s.write_all(&get(&format!("/orders/held-{i}"), ""))
+            s.write_all(&get(&format!("/orders/slow/1500?held={i}"), ""))
                 .await
                 .unwrap();
-            let r = timeout(Duration::from_secs(10), read_response(&mut s))
-                .await
-                .unwrap()
-                .unwrap();
-            assert_eq!(r.status, 200);
-            assert_ne!(r.header("connection"), Some("close"));
             held.push(s);
         }
+        while up.count() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
 
-        // A third client: the kernel completes its handshake (backlog), but the sidecar does
-        // not serve it while both slots are taken.
+        // A third client: the kernel completes its handshake, but the sidecar does not serve
+        // it while both connections are busy.
         let mut third = TcpStream::connect(sc.addr).await.unwrap();
         third.write_all(&get("/orders/third", "")).await.unwrap();
-        let mut waiting = tokio::spawn(async move { read_response(&mut third).await });
+        let mut waiting = tokio::spawn(async move {
+            let r = read_response(&mut third).await;
+            (r, third)
+        });
         assert!(
             timeout(Duration::from_millis(500), &mut waiting)
                 .await
                 .is_err(),
-            "the third connection was served while max_connections = 2 were open"
+            "the third connection was served while max_connections = 2 were busy"
         );
         assert_eq!(up.count(), 2, "the third request was not forwarded");
 
@@ -205,22 +205,44 @@ async fn max_connections_leaves_further_clients_waiting_until_a_slot_frees() {
             .unwrap();
         assert_eq!(health.status(), 200);
 
-        // One held client leaves: the waiting one is served.
-        let freed = Instant::now();
-        drop(held.remove(0));
-        let r = timeout(Duration::from_secs(5), waiting)
+        // The held requests finish and their connections idle (kept alive): the waiting client
+        // takes the slot of the older one at once.
+        let mut done = Vec::new();
+        for s in &mut held {
+            let r = timeout(Duration::from_secs(5), read_response(s))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.status, 200, "{}", r.head);
+            done.push(Instant::now());
+        }
+        let (r, third) = timeout(Duration::from_secs(5), waiting)
             .await
-            .expect("the waiting client is served once a slot frees")
-            .unwrap()
+            .expect("the waiting client is served once a connection idles")
             .unwrap();
+        let r = r.unwrap();
         assert_eq!(r.status, 200, "{}", r.head);
-        assert!(freed.elapsed() < Duration::from_secs(2));
-        eprintln!(
-            "max_connections: third client served {:?} after a slot freed",
-            freed.elapsed()
-        );
+        let served_after = done[1].elapsed();
+        eprintln!("max_connections: third client served {served_after:?} after the slots idled");
         assert!(up.received().iter().any(|r| r.path_and_query == "/third"));
-        drop(held);
+        assert!(
+            wait_closed(&mut held[0], Duration::from_secs(2))
+                .await
+                .is_some(),
+            "the oldest idle keep-alive connection made room"
+        );
+
+        // Idle keep-alive connections never keep a newcomer out: both slots are idle now, and
+        // a fourth client is served at once.
+        let t = Instant::now();
+        let r = raw_get(sc.addr, "/orders/fourth").await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        drop((held, third));
         sc.stop().await;
     })
     .await
