@@ -202,11 +202,12 @@ pub(crate) async fn accept_loop<H, F, B>(
                 }
             },
         };
-        let tracker = Tracker::new();
         // Bounded by the connections it waits for: each ends, goes idle, or is cut at shutdown.
-        let ticket = loop {
+        let (ticket, tracker) = loop {
+            // A new tracker per attempt: the head timeout counts from admission, not from accept.
+            let tracker = Tracker::new();
             match admissions.admit(peer.ip(), tracker.clone()) {
-                Ok(t) => break t,
+                Ok(t) => break (t, tracker),
                 Err(why) if !wait_for_room => {
                     tracing::debug!(%peer, reason = ?why, "connection refused");
                     continue 'accept;
