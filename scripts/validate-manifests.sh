@@ -8,7 +8,8 @@
 #      and 1.37 schemas, on the rendered output and on every manifest file;
 #   4. checks what the schemas cannot (enum values, cross-references): native sidecar,
 #      probes on the admin port, Secret mounted without subPath, security context, grace period
-#      longer than shutdown_grace, admin listener on all interfaces, proxy on loopback;
+#      longer than shutdown_grace, admin listener on all interfaces, proxy on loopback, and a
+#      NetworkPolicy admitting to the admin port only label-selected pods;
 #   5. `token-sidecar check-config` on the sidecar.toml inside the rendered ConfigMap.
 # Tools go into a virtualenv under target/ (gitignored), installed once and reused. Needs
 # python3 >= 3.11 (tomllib) with venv + pip, network to PyPI on the first run, and cargo.
@@ -173,10 +174,42 @@ if m:
     check(spec.get("terminationGracePeriodSeconds", 30) > int(m[1]) * units[m[2]],
           f"terminationGracePeriodSeconds must exceed shutdown_grace ({grace})")
 
+# The admin port, bound on all interfaces, is fenced by a NetworkPolicy: one that selects this
+# pod, restricts ingress, and admits to that port only label-selected pods (never an empty
+# "from", never a bare namespace, never an ipBlock wider than /8).
+pod_labels = pod["metadata"].get("labels", {})
+policies = [d for d in docs if d["kind"] == "NetworkPolicy"
+            and "Ingress" in d["spec"].get("policyTypes", [])
+            and all(pod_labels.get(k) == v for k, v in
+                    d["spec"].get("podSelector", {}).get("matchLabels", {}).items())]
+check(policies, "a NetworkPolicy must select the pod's labels with policyTypes [Ingress]")
+admitted = []
+for pol in policies:
+    for rule in pol["spec"].get("ingress", []):
+        rule_ports = rule.get("ports")
+        reaches_admin = rule_ports is None or any(
+            ports.get(p.get("port"), p.get("port")) == admin_port for p in rule_ports)
+        if not reaches_admin:
+            continue
+        sources = rule.get("from")
+        check(sources, f"{pol['metadata']['name']}: a rule admitting port {admin_port} "
+                       "must name its sources (no empty or missing from)")
+        for src in sources or []:
+            block = src.get("ipBlock")
+            if block:
+                net = ipaddress.ip_network(block["cidr"], strict=False)
+                check(net.prefixlen >= 8, f"{pol['metadata']['name']}: ipBlock {net} is too wide")
+            else:
+                check(src.get("podSelector", {}).get("matchLabels"),
+                      f"{pol['metadata']['name']}: each source of port {admin_port} must select "
+                      "pods by label (a bare namespaceSelector admits every pod there)")
+            admitted.append(src)
+check(admitted, f"the NetworkPolicy must admit someone (Prometheus) to port {admin_port}")
+
 if problems:
     sys.exit("deployment checks failed:\n  " + "\n  ".join(problems))
 EOF
-echo "   deployment checks: native sidecar, probes, Secret mount, security context, listeners ok"
+echo "   deployment checks: native sidecar, probes, Secret mount, security context, listeners, admin NetworkPolicy ok"
 
 # --- 5. the project's own config check -------------------------------------------------------
 # The real key path exists only in the pod: point the check at a test key instead, and keep

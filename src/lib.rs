@@ -13,16 +13,17 @@
 //! - `token/` — the cache key and RFC 6749 response types, the RFC 7523 assertion, the token
 //!   client (request building separate from sending), the refresh-ahead cache with
 //!   its supervised refreshers, the per-key retry schedule, the eviction gate.
-//! - `proxy/` — the request path as named phase functions, routes, header rules, the upstream
-//!   pool, and the one place errors become responses.
-//! - `server/` — listeners, the one accept loop, the per-connection watchdog, the scan of
-//!   request heads for conflicting framing, the admin endpoints, graceful shutdown.
+//! - `proxy/` — the request path as named phase functions, routes, header rules, the request
+//!   body's progress deadline, the upstream pool, and the one place errors become responses.
+//! - `server/` — listeners, the one accept loop, admission by peer (evicting idle connections
+//!   before refusing), the per-connection watchdog, the scan of request heads for conflicting
+//!   framing, the admin endpoints, graceful shutdown, the worst-case memory arithmetic (test).
 //! - `metrics` — Prometheus metrics; reads the token cache at scrape time, read by the server.
 //! - `dev/` (cargo feature `dev`, on by default) — `token-sidecar dev`: the strict development
 //!   authorization server and the echo upstream.
 //! - `cli` — the command line; `main.rs` only calls it.
 //! - Foundations: `secret` (redacting newtype), `tls` (trust roots), `telemetry` (logging),
-//!   `util` (Unix time, error chains).
+//!   `util` (Unix time, error chains, redacted URLs, bounded file reads).
 //!
 //! `docs/spec.md` is the contract the code follows; doc comments cite its sections.
 #![forbid(unsafe_code)]

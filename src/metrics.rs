@@ -4,7 +4,8 @@
 //! Per-request metrics are resolved per route once at start-up ([`RouteMetrics`]), so the hot
 //! path only increments atomics and observes a histogram. Values that describe state rather than
 //! events (seconds until each route's token expires, whether a refresh is failing, cache
-//! counters kept by the slots) are read at scrape time by a collector.
+//! counters kept by the slots, log lines dropped by the writer) are read at scrape time by a
+//! collector.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -237,6 +238,11 @@ impl Collector for StateCollector {
                 "refresher_restarts",
                 "Token refreshers that stopped (a panic) and were started again",
                 sum(|s| s.stats.restarts()),
+            ),
+            (
+                "log_dropped",
+                "Log lines dropped because stderr could not keep up (never blocked on)",
+                crate::telemetry::dropped_lines(),
             ),
         ] {
             let c = ConstCounter::new(value);

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use super::{Config, Problem};
 
+const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(24 * 3600);
 const MIB: u64 = 1024 * 1024;
@@ -28,7 +29,8 @@ fn durations(c: &Config) -> Vec<(String, Duration, Duration)> {
         ("proxy.idle_timeout", px.idle_timeout, HOUR),
         ("proxy.shutdown_grace", px.shutdown_grace, HOUR),
         ("proxy.body_read_timeout", px.body_read_timeout, HOUR),
-        ("admin.header_read_timeout", ad.header_read_timeout, HOUR),
+        // Probes time out in seconds; an admin client slower than a minute is not a probe.
+        ("admin.header_read_timeout", ad.header_read_timeout, MINUTE),
         ("token.request_timeout", t.request_timeout, HOUR),
         // The assertion: Hydra and the dev server refuse `exp - iat` beyond an hour anyway.
         ("token.assertion_lifetime", t.assertion_lifetime, HOUR),
@@ -36,7 +38,12 @@ fn durations(c: &Config) -> Vec<(String, Duration, Duration)> {
         // Backoff: pauses and their caps.
         ("token.retry_backoff_initial", t.retry_backoff_initial, HOUR),
         ("token.retry_backoff_max", t.retry_backoff_max, HOUR),
-        ("token.min_refetch_interval", t.min_refetch_interval, HOUR),
+        // The eviction gate doubles up to this cap; a floor above it would be meaningless.
+        (
+            "token.min_refetch_interval",
+            t.min_refetch_interval,
+            crate::token::gate::MAX_REFETCH_INTERVAL,
+        ),
         // Token lifetimes and the margins taken from them.
         ("token.default_token_ttl", t.default_token_ttl, DAY),
         ("token.refresh_before_expiry", t.refresh_before_expiry, DAY),
@@ -70,7 +77,8 @@ fn sizes(c: &Config) -> Vec<(&'static str, u64, u64)> {
         (
             "proxy.max_concurrent_streams",
             u64::from(px.max_concurrent_streams),
-            10_000,
+            // Each open stream may hold a request head: the memory arithmetic of spec §6.
+            1000,
         ),
         ("admin.max_connections", n(ad.max_connections), 1_000_000),
         (

@@ -19,7 +19,9 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_connections: 4096,
+            // With max_concurrent_streams and the buffer sizes, the worst case fits 64 MiB
+            // (docs/spec.md §6, server/budget.rs).
+            max_connections: 32,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_header_bytes: 65536,
@@ -28,7 +30,7 @@ impl Default for ProxyConfig {
             shutdown_grace: Duration::from_secs(20),
             retry_body_limit: 65536,
             body_read_timeout: Duration::from_secs(30),
-            max_concurrent_streams: 100,
+            max_concurrent_streams: 4,
             allowed_hosts: Vec::new(),
         }
     }
@@ -38,7 +40,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
-            max_connections: 1024,
+            max_connections: 128,
             max_connections_per_peer: 32,
             header_read_timeout: Duration::from_secs(2),
         }

@@ -42,6 +42,7 @@ impl Config {
     }
 
     fn validate_proxy(&self, p: &mut Problems) {
+        server_limits(self, p);
         let px = &self.proxy;
         if px.max_connections == 0 {
             p.add("proxy.max_connections", "must be at least 1");
@@ -178,13 +179,9 @@ impl Config {
         if t.max_attempts == 0 {
             p.add("token.max_attempts", "must be at least 1");
         }
-        if t.min_refetch_interval.is_zero()
-            || t.min_refetch_interval > crate::token::gate::MAX_REFETCH_INTERVAL
-        {
-            p.add(
-                "token.min_refetch_interval",
-                "must be greater than zero and at most 5m (the eviction gate's cap)",
-            );
+        // The upper bound (the eviction gate's 5 min cap) is in bounds.rs with the others.
+        if t.min_refetch_interval.is_zero() {
+            p.add("token.min_refetch_interval", "must be greater than zero");
         }
         if t.max_response_bytes < 1024 {
             p.add("token.max_response_bytes", "must be at least 1024");
@@ -416,6 +413,35 @@ fn check_ca_file(p: &mut Problems, key: &str, path: &Path) {
     }
 }
 
+/// The listeners' hardening limits (docs/spec.md §6): none may be zero, which would switch a
+/// protection off or refuse everything.
+fn server_limits(c: &Config, p: &mut Problems) {
+    // Upper bounds are in bounds.rs with every other key's.
+    for (key, d) in [
+        ("proxy.body_read_timeout", c.proxy.body_read_timeout),
+        ("admin.header_read_timeout", c.admin.header_read_timeout),
+    ] {
+        if d.is_zero() {
+            p.add(key, "must be greater than zero");
+        }
+    }
+    // The upper bound (1000: each stream may hold a request head, §6) is in bounds.rs.
+    if c.proxy.max_concurrent_streams == 0 {
+        p.add("proxy.max_concurrent_streams", "must be at least 1");
+    }
+    if c.admin.max_connections == 0 {
+        p.add("admin.max_connections", "must be at least 1");
+    }
+    if c.admin.max_connections_per_peer == 0
+        || c.admin.max_connections_per_peer > c.admin.max_connections
+    {
+        p.add(
+            "admin.max_connections_per_peer",
+            "must be at least 1 and at most admin.max_connections",
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::from_toml_str;
@@ -604,5 +630,43 @@ upstream = "https://x.example.com"
         assert!(!is_scope_token("a b"));
         assert!(!is_scope_token("a\"b"));
         assert!(!is_scope_token("a\\b"));
+    }
+
+    #[test]
+    fn the_listener_limits_are_bounded() {
+        let text = r#"
+[proxy]
+body_read_timeout = "0s"
+max_concurrent_streams = 0
+
+[admin]
+max_connections = 10
+max_connections_per_peer = 11
+header_read_timeout = "5m"
+
+[token]
+token_url = "https://idp.example.com/token"
+client_id = "c"
+auth_method = "client_secret_post"
+client_secret = "s"
+
+[[route]]
+name = "a"
+path_prefix = "/a/"
+upstream = "https://a.example.com"
+"#;
+        let err = from_toml_str(text).unwrap_err();
+        let mut keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        keys.sort_unstable();
+        // One problem per key: the zero checks here and the upper bounds in bounds.rs.
+        assert_eq!(
+            keys,
+            [
+                "admin.header_read_timeout",
+                "admin.max_connections_per_peer",
+                "proxy.body_read_timeout",
+                "proxy.max_concurrent_streams",
+            ]
+        );
     }
 }

@@ -6,12 +6,14 @@
 //!    cross-site web pages; then pick the route (dedicated port, else host and longest path
 //!    prefix), answering only hosts that are local or named by a host route. Nothing is
 //!    forwarded without a route.
-//! 2. [`token`]: take the route's cached token; wait for the refresher only when none is
-//!    usable. No token, no forwarding.
-//! 3. [`upstream_request`]: rewrite the URI onto the upstream, drop hop-by-hop headers, set
+//! 2. [`upstream_request`]: rewrite the URI onto the upstream, drop hop-by-hop headers, set
 //!    `Host` to the upstream's authority. [`prepare_body`] buffers a body of known size up to
 //!    `retry_body_limit` so the request can be replayed once; anything larger or of unknown size
-//!    streams through untouched.
+//!    streams through untouched. Either way the body runs under `body_read_timeout`
+//!    ([`body`]): a stalled one ends the request with 408.
+//! 3. [`token`]: take the route's cached token, only now that a buffered body is in, so a slow
+//!    body never holds a token past its usable life; wait for the refresher only when none is
+//!    usable. No token, no forwarding.
 //! 4. [`send_with_replay`]: set `Authorization` and send it on the route's pooled client,
 //!    bounded by the route's `timeout` until response headers arrive. If the upstream answers
 //!    401 with a Bearer `invalid_token` challenge (any 401 with `retry_on_401`), the token is
@@ -25,6 +27,7 @@
 //! Any failure leaves through [`respond::error_response`], the one place errors become
 //! responses. The phase functions are public so the benchmarks measure exactly these.
 
+pub(crate) mod body;
 pub(crate) mod headers;
 #[cfg(test)]
 mod props;
@@ -33,16 +36,17 @@ pub(crate) mod routes;
 pub(crate) mod upstream;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, HOST};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
+use self::body::{BodyError, DeadlineBody};
 use self::headers::{
     FramingConflict, cross_site, is_invalid_token_challenge, strip_hop_by_hop,
     transfer_encoding_is_plain_chunked,
@@ -71,6 +75,8 @@ pub struct Proxy {
     pub(crate) table: RouteTable,
     /// Bodies up to this size are kept for one replay after a 401.
     pub(crate) retry_body_limit: usize,
+    /// A request body without progress for this long ends the request (408).
+    pub(crate) body_read_timeout: Duration,
     /// Whether to emit one access-log event per request.
     pub(crate) access_log: bool,
     /// Metrics for requests that matched no route.
@@ -185,11 +191,19 @@ impl Proxy {
         ctx: &mut Ctx<'a>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let route = self.route(listener, &req, ctx)?;
-        let lease = token(route, ctx).await?;
         let (mut parts, body) = req.into_parts();
         upstream_request(route, &mut parts)?;
+        let (body, stall) = DeadlineBody::new(body, self.body_read_timeout);
         let (body, kept) = prepare_body(body, self.retry_body_limit).await?;
-        let resp = send_with_replay(route, parts, body, kept, lease, ctx).await?;
+        let lease = token(route, ctx).await?;
+        let resp = send_with_replay(route, parts, body, kept, lease, ctx)
+            .await
+            // A streamed body that stalled reaches us as the upstream exchange's generic body
+            // error; the upstream request has been aborted with it.
+            .map_err(|e| match stall.fired() {
+                true => ProxyError::RequestTimeout(self.body_read_timeout),
+                false => e,
+            })?;
         Ok(response(resp))
     }
 
@@ -271,7 +285,7 @@ impl Proxy {
     }
 }
 
-/// Phase 2: the route's token, straight from the cache when one is usable.
+/// Phase 3: the route's token, straight from the cache when one is usable.
 pub async fn token(route: &Route, ctx: &mut Ctx<'_>) -> Result<Lease, ProxyError> {
     let lease = route.slot.token().await.map_err(token_failure)?;
     ctx.token_cached = Some(lease.cached);
@@ -282,7 +296,7 @@ fn token_failure(e: crate::token::cache::TokenError) -> ProxyError {
     ProxyError::Token(TokenFailure(e))
 }
 
-/// Phase 3: turns the downstream request head into the upstream's: URI onto the upstream's base
+/// Phase 2: turns the downstream request head into the upstream's: URI onto the upstream's base
 /// path, HTTP/1.1 (the pooled client speaks HTTP/2 to the upstream when ALPN says so, whatever
 /// the downstream used), hop-by-hop headers dropped, `Host` set to the upstream's authority.
 pub fn upstream_request(route: &Route, parts: &mut Parts) -> Result<(), ProxyError> {
@@ -297,20 +311,23 @@ pub fn upstream_request(route: &Route, parts: &mut Parts) -> Result<(), ProxyErr
     Ok(())
 }
 
-/// Phase 3, the body: a body of known size up to `limit` is read into memory and also returned
-/// for a replay; anything else streams.
+/// Phase 2, the body: a body of known size up to `limit` is read into memory and also returned
+/// for a replay; anything else streams. Both under the body's progress deadline.
 pub(crate) async fn prepare_body(
-    body: Incoming,
+    body: DeadlineBody<Incoming>,
     limit: usize,
 ) -> Result<(UpstreamBody, Option<Bytes>), ProxyError> {
     match body.size_hint().exact() {
         Some(0) => Ok((Either::Right(Full::new(Bytes::new())), Some(Bytes::new()))),
         Some(n) if n <= limit as u64 => {
-            let bytes = Limited::new(body, limit)
-                .collect()
+            let bytes = body::read_to_bytes(body, limit)
                 .await
-                .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?
-                .to_bytes();
+                .map_err(|e| match e {
+                    BodyError::Stalled(d) => ProxyError::RequestTimeout(d),
+                    BodyError::TooLarge | BodyError::Read(_) => {
+                        ProxyError::BadRequest("the request body could not be read")
+                    }
+                })?;
             Ok((Either::Right(Full::new(bytes.clone())), Some(bytes)))
         }
         _ => Ok((Either::Left(body), None)),

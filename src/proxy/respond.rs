@@ -34,6 +34,8 @@ pub enum ProxyError {
     /// A request from a cross-site web page.
     #[error("{0}")]
     Forbidden(&'static str),
+    #[error("the request body made no progress for {0:?}")]
+    RequestTimeout(std::time::Duration),
     #[error("{0}")]
     Token(TokenFailure),
     #[error("upstream unreachable: {0}")]
@@ -77,6 +79,7 @@ impl ProxyError {
             }
             ProxyError::Misdirected => (StatusCode::MISDIRECTED_REQUEST, "misdirected_request"),
             ProxyError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ProxyError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ProxyError::Token(TokenFailure(TokenError::Fetch { error, .. }))
                 if error.kind() == FailureKind::Rejected =>
             {
@@ -205,6 +208,11 @@ mod tests {
             (ProxyError::BadFraming("bad"), 400, "bad_request"),
             (ProxyError::Misdirected, 421, "misdirected_request"),
             (ProxyError::Forbidden("no"), 403, "forbidden"),
+            (
+                ProxyError::RequestTimeout(Duration::from_secs(30)),
+                408,
+                "request_timeout",
+            ),
             (
                 ProxyError::UpstreamUnavailable("refused".into()),
                 502,

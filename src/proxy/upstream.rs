@@ -13,11 +13,21 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::RouteConfig;
 use crate::tls::{self, TlsError};
 
-/// A request body to the upstream: streamed from the downstream, or buffered (small bodies,
-/// kept for a replay after a 401).
-pub(crate) type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+/// A request body to the upstream: streamed from the downstream (under its progress deadline),
+/// or buffered (small bodies, kept for a replay after a 401).
+pub(crate) type UpstreamBody =
+    http_body_util::Either<super::body::DeadlineBody<Incoming>, http_body_util::Full<bytes::Bytes>>;
 
 pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
+/// What one upstream exchange may buffer (docs/spec.md §6, the memory arithmetic): HTTP/1
+/// read and write buffers (a response head must fit: 64 KiB, like our own `max_header_bytes`
+/// default; hyper's default is ~400 KiB), and HTTP/2 flow-control windows and send buffer
+/// (hyper's client defaults are 2 MiB per stream, 5 MiB per connection, 1 MiB send buffer).
+pub(crate) const H1_MAX_BUF: usize = 64 * 1024;
+pub(crate) const H2_STREAM_WINDOW: u32 = 128 * 1024;
+pub(crate) const H2_CONNECTION_WINDOW: u32 = 512 * 1024;
+pub(crate) const H2_MAX_SEND_BUF: usize = 64 * 1024;
 
 /// A route's upstream connection pool and its timeouts.
 #[derive(Debug, Clone)]
@@ -44,6 +54,10 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
+            .http1_max_buf_size(H1_MAX_BUF)
+            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .http2_max_send_buf_size(H2_MAX_SEND_BUF)
             .build(https);
         Ok(Upstream {
             client,

@@ -1,12 +1,27 @@
 //! The one accept loop, shared by the proxy listeners, the admin listener, the development
 //! authorization server and the echo upstream.
 //!
-//! Invariants: at most `max_connections` connections are served at once per listener (the rest
-//! wait in the kernel's backlog); every connection runs under the watchdog of
-//! [`super::conn`] (header-read and idle timeouts); on `stop` no new connection is accepted and
-//! the served ones drain gracefully (HTTP/2 GOAWAY, HTTP/1 close when idle); on `cut` whatever is
-//! left is dropped. An accept error (usually EMFILE) pauses the loop for 50 ms instead of
-//! spinning.
+//! Invariants: every connection runs under the watchdog of [`super::conn`] (header-read and
+//! idle timeouts); on `stop` no new connection is accepted and the served ones drain gracefully
+//! (HTTP/2 GOAWAY, HTTP/1 close when idle); on `cut` whatever is left is dropped. An accept
+//! error (usually EMFILE) pauses the loop for 50 ms instead of spinning.
+//!
+//! How many connections a listener serves is its [`Admission`]:
+//!
+//! - [`Admission::Queue`] (the proxy listeners): at most `max_connections` connections at once.
+//!   A new connection over the cap closes the oldest one kept alive between requests (an
+//!   application's pool of idle keep-alive connections must not keep its newer connections
+//!   out); when there is none it waits, and the loop accepts nothing more meanwhile, so the rest wait in the
+//!   kernel's backlog. At most as many requests are in flight, HTTP/2 streams each counting as
+//!   one, so memory is bounded by requests, not by connections × streams (docs/spec.md §6 has
+//!   the arithmetic); a stream over the limit waits for a slot holding only its head.
+//! - [`Admission::PerPeer`] (the admin listener): a cap per peer address and a larger one for
+//!   the listener, a newcomer making room by evicting an idle connection, or being closed when
+//!   none is idle ([`super::peers`]), so idle connections cannot keep probes out.
+//!
+//! Every buffer a connection can fill is bounded here: HTTP/1 read and write buffers by
+//! `max_header_bytes`, HTTP/2 by its flow-control windows and send buffer (below) and by
+//! `max_concurrent_streams`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,10 +43,40 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::conn::{self, TrackedBody, TrackedIo, Tracker, Verdict};
-use crate::config::ProxyConfig;
+use super::peers::Admissions;
+use crate::config::{AdminConfig, ProxyConfig};
+
+/// HTTP/2 flow control on the proxy listeners. The peer is the application on loopback, where
+/// 64 KiB per stream and 128 KiB per connection keep a stream at link speed (the round trip is
+/// microseconds) while bounding what one connection can make us buffer (hyper's defaults are
+/// 1 MiB and 1 MiB).
+pub(crate) const H2_STREAM_WINDOW: u32 = 64 * 1024;
+pub(crate) const H2_CONNECTION_WINDOW: u32 = 128 * 1024;
+/// Response bytes buffered per HTTP/2 stream ahead of the client's window (hyper: 400 KiB).
+pub(crate) const H2_MAX_SEND_BUF: usize = 64 * 1024;
+
+/// The admin listener serves small GETs only (no bodies are read): its heads are capped at
+/// hyper's smallest buffer, and its HTTP/2 at one stream at a time with small windows (probes and
+/// scrapes use HTTP/1.1 and one request per connection anyway).
+pub(crate) const ADMIN_MAX_HEADER_BYTES: usize = 8192;
+const ADMIN_MAX_HEADERS: usize = 32;
+pub(crate) const ADMIN_MAX_STREAMS: u32 = 1;
+pub(crate) const ADMIN_H2_WINDOW: u32 = 16 * 1024;
+
+/// The limits one listener applies to each of its connections.
+#[derive(Clone, Copy, Debug)]
+struct ConnLimits {
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    max_header_bytes: usize,
+    max_headers: usize,
+    max_concurrent_streams: u32,
+    h2_stream_window: u32,
+    h2_connection_window: u32,
+}
 
 /// What every connection task of one server shares: the signals to drain and to cut, the
-/// tracker the shutdown waits on, and the per-connection limits.
+/// tracker the shutdown waits on, and the per-connection limits of the listener it serves.
 #[derive(Clone, Debug)]
 pub(crate) struct Connections {
     /// Stop accepting; drain connections gracefully.
@@ -39,10 +84,7 @@ pub(crate) struct Connections {
     /// The grace period is over: drop whatever is left.
     pub(crate) cut: CancellationToken,
     pub(crate) tasks: TaskTracker,
-    header_read_timeout: Duration,
-    idle_timeout: Duration,
-    max_header_bytes: usize,
-    max_headers: usize,
+    limits: ConnLimits,
 }
 
 impl Connections {
@@ -52,34 +94,78 @@ impl Connections {
             stop: CancellationToken::new(),
             cut: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            header_read_timeout: limits.header_read_timeout,
-            idle_timeout: limits.idle_timeout,
-            max_header_bytes: limits.max_header_bytes,
-            max_headers: limits.max_headers,
+            limits: ConnLimits {
+                header_read_timeout: limits.header_read_timeout,
+                idle_timeout: limits.idle_timeout,
+                max_header_bytes: limits.max_header_bytes,
+                max_headers: limits.max_headers,
+                max_concurrent_streams: limits.max_concurrent_streams,
+                h2_stream_window: H2_STREAM_WINDOW,
+                h2_connection_window: H2_CONNECTION_WINDOW,
+            },
+        }
+    }
+
+    /// The same shutdown signals and tracker, with the admin listener's limits: its own
+    /// (short) head timeout, small heads, few streams.
+    pub(crate) fn admin(&self, admin: &AdminConfig) -> Connections {
+        Connections {
+            limits: ConnLimits {
+                header_read_timeout: admin.header_read_timeout,
+                max_header_bytes: ADMIN_MAX_HEADER_BYTES,
+                max_headers: ADMIN_MAX_HEADERS,
+                max_concurrent_streams: ADMIN_MAX_STREAMS,
+                h2_stream_window: ADMIN_H2_WINDOW,
+                h2_connection_window: ADMIN_H2_WINDOW,
+                ..self.limits
+            },
+            ..self.clone()
         }
     }
 
     fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let l = &self.limits;
         let mut b = auto::Builder::new(TokioExecutor::new());
         // hyper's header timer also runs while a keep-alive connection idles; conn.rs enforces
-        // both timeouts separately instead.
+        // both timeouts separately instead. max_buf_size bounds the read buffer (so the head)
+        // and the write buffer.
         b.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(None)
-            .max_buf_size(self.max_header_bytes)
-            .max_headers(self.max_headers);
+            .max_buf_size(l.max_header_bytes)
+            .max_headers(l.max_headers);
         b.http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(l.max_concurrent_streams)
+            .initial_stream_window_size(l.h2_stream_window)
+            .initial_connection_window_size(l.h2_connection_window)
+            .max_send_buf_size(H2_MAX_SEND_BUF);
         b
     }
+}
+
+/// How often a listener waiting for room re-checks whether a busy connection went idle.
+const ROOM_POLL: Duration = Duration::from_millis(50);
+
+/// How a listener decides which connections it serves (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Admission {
+    /// At most this many connections (newcomers evict idle ones, else wait), and as many
+    /// requests in flight.
+    Queue { max_connections: usize },
+    /// At most `max_connections`, and `per_peer` per peer address; newcomers evict idle ones.
+    PerPeer {
+        max_connections: usize,
+        per_peer: usize,
+    },
 }
 
 /// Accepts on `listener` until `conns.stop`, serving each connection's requests with `handler`.
 pub(crate) async fn accept_loop<H, F, B>(
     listener: TcpListener,
     handler: H,
-    max_connections: usize,
+    admission: Admission,
     conns: Connections,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -88,12 +174,22 @@ pub(crate) async fn accept_loop<H, F, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let builder = conns.builder();
-    let permits = Arc::new(Semaphore::new(max_connections));
-    loop {
-        let permit = tokio::select! {
-            _ = conns.stop.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-        };
+    let (admissions, requests, wait_for_room) = match admission {
+        Admission::Queue { max_connections } => (
+            Admissions::new(max_connections, max_connections, false),
+            Some(Arc::new(Semaphore::new(max_connections))),
+            true,
+        ),
+        Admission::PerPeer {
+            max_connections,
+            per_peer,
+        } => (
+            Admissions::new(max_connections, per_peer, true),
+            None,
+            false,
+        ),
+    };
+    'accept: loop {
         let (stream, peer) = tokio::select! {
             _ = conns.stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -106,24 +202,46 @@ pub(crate) async fn accept_loop<H, F, B>(
                 }
             },
         };
+        // Bounded by the connections it waits for: each ends, goes idle, or is cut at shutdown.
+        let (ticket, tracker) = loop {
+            // A new tracker per attempt: the head timeout counts from admission, not from accept.
+            let tracker = Tracker::new();
+            match admissions.admit(peer.ip(), tracker.clone()) {
+                Ok(t) => break (t, tracker),
+                Err(why) if !wait_for_room => {
+                    tracing::debug!(%peer, reason = ?why, "connection refused");
+                    continue 'accept;
+                }
+                Err(_) => tokio::select! {
+                    _ = conns.stop.cancelled() => break 'accept,
+                    _ = admissions.room(ROOM_POLL) => {}
+                },
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let tracker = Tracker::new();
         let handler = handler.clone();
         let in_service = tracker.clone();
+        let requests = requests.clone();
         let service = service_fn(move |mut req: Request<Incoming>| {
             let in_flight = in_service.request_started(&mut req);
-            let resp = handler(req);
+            let handler = handler.clone();
+            let requests = requests.clone();
             async move {
-                let resp = resp.await;
-                Ok::<_, Infallible>(resp.map(|b| TrackedBody::new(b, in_flight)))
+                // The request's slot: waited for with only its head in memory.
+                let slot = match requests {
+                    Some(r) => Some(r.acquire_owned().await.expect("semaphore is never closed")),
+                    None => None,
+                };
+                let resp = handler(req).await;
+                Ok::<_, Infallible>(resp.map(|b| TrackedBody::new(b, in_flight, slot)))
             }
         });
         let io = TokioIo::new(TrackedIo::new(stream, tracker.clone()));
         let conn = builder.serve_connection(io, service).into_owned();
         let conns = conns.clone();
         conns.tasks.clone().spawn(async move {
-            serve(conn, tracker, &conns, peer).await;
-            drop(permit);
+            serve(conn, tracker, &conns, peer, ticket.evict.clone()).await;
+            drop(ticket);
         });
     }
 }
@@ -143,19 +261,28 @@ where
     tokio::spawn(accept_loop(
         listener,
         handler,
-        limits.max_connections,
+        Admission::Queue {
+            max_connections: limits.max_connections,
+        },
         conns,
     ))
 }
 
-/// Drives one connection until it ends, its watchdog fires, or shutdown drains or cuts it.
-async fn serve<C>(conn: C, tracker: Arc<Tracker>, conns: &Connections, peer: SocketAddr)
-where
+/// Drives one connection until it ends, its watchdog fires, it is evicted to make room for a
+/// newer one, or shutdown drains or cuts it.
+async fn serve<C>(
+    conn: C,
+    tracker: Arc<Tracker>,
+    conns: &Connections,
+    peer: SocketAddr,
+    evicted: CancellationToken,
+) where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
     let mut conn = std::pin::pin!(conn);
-    let watchdog = conn::watchdog(tracker, conns.header_read_timeout, conns.idle_timeout);
+    let limits = &conns.limits;
+    let watchdog = conn::watchdog(tracker, limits.header_read_timeout, limits.idle_timeout);
     let mut watchdog = std::pin::pin!(watchdog);
     let mut draining = false;
     loop {
@@ -174,6 +301,11 @@ where
                 }
                 conn.as_mut().graceful_shutdown();
                 draining = true;
+            }
+            _ = evicted.cancelled() => {
+                // Idle by construction (only idle connections are evicted): nothing is lost.
+                tracing::debug!(%peer, "closing an idle connection to make room for a newer one");
+                return;
             }
             _ = conns.stop.cancelled(), if !draining => {
                 conn.as_mut().graceful_shutdown();

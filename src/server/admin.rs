@@ -1,6 +1,11 @@
 //! The admin listener: `/healthz` (the process serves), `/readyz` (every route has a usable
 //! token) and `/metrics` (Prometheus text format). Kept apart from the proxy listener so probes
 //! and scrapes never compete with application traffic.
+//!
+//! Invariant: a request body is never read. The body is dropped before answering, so a client
+//! that announces one gets its answer at once and hyper closes that HTTP/1 connection instead of
+//! waiting for bytes. The connection limits (own head timeout, per-peer admission) are the
+//! accept loop's (`accept.rs`, `peers.rs`).
 
 use std::sync::Arc;
 
@@ -25,14 +30,16 @@ impl Admin {
     }
 
     pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
+        let (req, body) = req.into_parts();
+        drop(body);
+        if req.method != Method::GET && req.method != Method::HEAD {
             return json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 &json!({"error": "method_not_allowed"}),
             )
             .map(Either::Right);
         }
-        let resp = match req.uri().path() {
+        let resp = match req.uri.path() {
             "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
             "/readyz" => self.readyz(),
             "/metrics" => {

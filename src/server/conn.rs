@@ -40,6 +40,8 @@ pub(crate) struct Tracker {
     /// The last scanned request head carried both `Content-Length` and `Transfer-Encoding`
     /// ([`super::framing`]); taken by the request it belongs to.
     framing_conflict: AtomicBool,
+    /// At least one request has been handed to the service.
+    served: AtomicBool,
 }
 
 impl Tracker {
@@ -53,6 +55,7 @@ impl Tracker {
             in_flight: AtomicUsize::new(0),
             http2: AtomicBool::new(false),
             framing_conflict: AtomicBool::new(false),
+            served: AtomicBool::new(false),
         })
     }
 
@@ -86,8 +89,28 @@ impl Tracker {
             self.http2.store(true, Ordering::Relaxed);
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.served.store(true, Ordering::Relaxed);
         self.head_started.store(NONE, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// No request in flight: silent, sending a head, or kept alive between requests.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+    }
+
+    /// Kept alive between requests for at least `quiet`: served at least one, none in flight,
+    /// no next head arriving, no bytes moved for `quiet`. Closing it costs the client a
+    /// reconnect; `quiet` keeps us from closing a connection the client is reusing right now
+    /// (its request would be cut before we read it).
+    pub(crate) fn is_kept_alive_idle(&self, quiet: Duration) -> bool {
+        self.is_idle()
+            && self.served.load(Ordering::Relaxed)
+            && self.head_started.load(Ordering::Relaxed) == NONE
+            && self
+                .now_ms()
+                .saturating_sub(self.last_io.load(Ordering::Relaxed))
+                >= quiet.as_millis() as u64
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -249,18 +272,25 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
 }
 
 /// A response body that keeps its request counted as in flight until it is finished or dropped,
-/// so a long download is never mistaken for an idle connection.
+/// so a long download is never mistaken for an idle connection, and holds the request's slot
+/// in its listener's request limit (see `accept.rs`) for as long.
 #[derive(Debug)]
 pub(crate) struct TrackedBody<B> {
     inner: B,
     _in_flight: InFlight,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl<B> TrackedBody<B> {
-    pub(crate) fn new(inner: B, in_flight: InFlight) -> Self {
+    pub(crate) fn new(
+        inner: B,
+        in_flight: InFlight,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Self {
         TrackedBody {
             inner,
             _in_flight: in_flight,
+            _slot: slot,
         }
     }
 }

@@ -9,8 +9,11 @@
 
 pub(crate) mod accept;
 pub(crate) mod admin;
+#[cfg(test)]
+mod budget;
 pub(crate) mod conn;
 pub(crate) mod framing;
+pub(crate) mod peers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,7 +22,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use self::accept::{Connections, accept_loop};
+use self::accept::{Admission, Connections, accept_loop};
 use self::admin::Admin;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -104,6 +107,7 @@ impl Sidecar {
         let proxy = Arc::new(Proxy {
             table: RouteTable::new(routes, &config.proxy.allowed_hosts),
             retry_body_limit: config.proxy.retry_body_limit,
+            body_read_timeout: config.proxy.body_read_timeout,
             access_log: config.log.access_log,
             unmatched: metrics.route("-", None),
         });
@@ -152,7 +156,9 @@ impl Sidecar {
             loops.push(tokio::spawn(accept_loop(
                 listener,
                 handler,
-                limits.max_connections,
+                Admission::Queue {
+                    max_connections: limits.max_connections,
+                },
                 conns.clone(),
             )));
         };
@@ -161,15 +167,19 @@ impl Sidecar {
             serve_proxy(listener, Listener::Dedicated(i));
         }
         let admin = Arc::new(Admin::new(self.proxy.clone(), self.metrics.clone()));
+        let admin_limits = &self.config.admin;
         loops.push(tokio::spawn(accept_loop(
             self.admin,
             move |req| {
                 let admin = admin.clone();
                 async move { admin.handle(req).await }
             },
-            // Probes and scrapes need few connections.
-            64,
-            conns.clone(),
+            // The port the cluster can reach: idle connections must not keep probes out.
+            Admission::PerPeer {
+                max_connections: admin_limits.max_connections,
+                per_peer: admin_limits.max_connections_per_peer,
+            },
+            conns.admin(admin_limits),
         )));
         tracing::info!(proxy = %main_addr, routes = self.config.route.len(), "token-sidecar serving");
 

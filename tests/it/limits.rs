@@ -166,32 +166,32 @@ async fn max_connections_leaves_further_clients_waiting_until_a_slot_frees() {
         .await;
         sc.wait_ready().await;
 
-        // Two clients make one request each and keep their connections open, idle.
+        // Two clients each have a 1.5 s request in flight: both slots are busy.
         let mut held = Vec::new();
         for i in 0..2 {
             let mut s = TcpStream::connect(sc.addr).await.unwrap();
-            s.write_all(&get(&format!("/orders/held-{i}"), ""))
+            s.write_all(&get(&format!("/orders/slow/1500?held={i}"), ""))
                 .await
                 .unwrap();
-            let r = timeout(Duration::from_secs(10), read_response(&mut s))
-                .await
-                .unwrap()
-                .unwrap();
-            assert_eq!(r.status, 200);
-            assert_ne!(r.header("connection"), Some("close"));
             held.push(s);
         }
+        while up.count() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
 
-        // A third client: the kernel completes its handshake (backlog), but the sidecar does
-        // not serve it while both slots are taken.
+        // A third client: the kernel completes its handshake, but the sidecar does not serve
+        // it while both connections are busy.
         let mut third = TcpStream::connect(sc.addr).await.unwrap();
         third.write_all(&get("/orders/third", "")).await.unwrap();
-        let mut waiting = tokio::spawn(async move { read_response(&mut third).await });
+        let mut waiting = tokio::spawn(async move {
+            let r = read_response(&mut third).await;
+            (r, third)
+        });
         assert!(
             timeout(Duration::from_millis(500), &mut waiting)
                 .await
                 .is_err(),
-            "the third connection was served while max_connections = 2 were open"
+            "the third connection was served while max_connections = 2 were busy"
         );
         assert_eq!(up.count(), 2, "the third request was not forwarded");
 
@@ -205,22 +205,44 @@ async fn max_connections_leaves_further_clients_waiting_until_a_slot_frees() {
             .unwrap();
         assert_eq!(health.status(), 200);
 
-        // One held client leaves: the waiting one is served.
-        let freed = Instant::now();
-        drop(held.remove(0));
-        let r = timeout(Duration::from_secs(5), waiting)
+        // The held requests finish and their connections idle (kept alive): the waiting client
+        // takes the slot of the older one at once.
+        let mut done = Vec::new();
+        for s in &mut held {
+            let r = timeout(Duration::from_secs(5), read_response(s))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.status, 200, "{}", r.head);
+            done.push(Instant::now());
+        }
+        let (r, third) = timeout(Duration::from_secs(5), waiting)
             .await
-            .expect("the waiting client is served once a slot frees")
-            .unwrap()
+            .expect("the waiting client is served once a connection idles")
             .unwrap();
+        let r = r.unwrap();
         assert_eq!(r.status, 200, "{}", r.head);
-        assert!(freed.elapsed() < Duration::from_secs(2));
-        eprintln!(
-            "max_connections: third client served {:?} after a slot freed",
-            freed.elapsed()
-        );
+        let served_after = done[1].elapsed();
+        eprintln!("max_connections: third client served {served_after:?} after the slots idled");
         assert!(up.received().iter().any(|r| r.path_and_query == "/third"));
-        drop(held);
+        assert!(
+            wait_closed(&mut held[0], Duration::from_secs(2))
+                .await
+                .is_some(),
+            "the oldest idle keep-alive connection made room"
+        );
+
+        // Idle keep-alive connections never keep a newcomer out: both slots are idle now, and
+        // a fourth client is served at once.
+        let t = Instant::now();
+        let r = raw_get(sc.addr, "/orders/fourth").await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        drop((held, third));
         sc.stop().await;
     })
     .await
@@ -831,6 +853,286 @@ async fn a_token_response_over_max_response_bytes_is_503_and_nothing_is_forwarde
             "only the ok route forwarded: {:?}",
             got.iter().map(|r| &r.path_and_query).collect::<Vec<_>>()
         );
+        sc.stop().await;
+    })
+    .await
+}
+
+// ---- proxy.body_read_timeout ----------------------------------------------------------------
+
+#[tokio::test]
+async fn a_stalled_request_body_is_408_and_its_connection_closed_before_any_token_is_taken() {
+    bounded(async {
+        let idp = idp().await;
+        let up = Upstream::start().await;
+        let bound = Duration::from_secs(1);
+        let sc = Running::start(
+            limits_config(&idp.token_url())
+                .proxy(|p| p.body_read_timeout = bound)
+                .route(RouteBuilder::path("orders", "/orders/", &up.url())),
+        )
+        .await;
+        sc.wait_ready().await;
+
+        // Content-Length: 10, then 3 bytes and silence.
+        let stalled =
+            b"POST /orders/stalled HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\nabc";
+        let mut s = TcpStream::connect(sc.addr).await.unwrap();
+        s.write_all(stalled).await.unwrap();
+        let t = Instant::now();
+        // Meanwhile another client is served.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(raw_get(sc.addr, "/orders/normal").await.status, 200);
+        let r = timeout(Duration::from_secs(5), read_response(&mut s))
+            .await
+            .expect("an answer within 5 s (body_read_timeout = 1s)")
+            .unwrap();
+        let took = t.elapsed();
+        assert_eq!(r.status, 408, "{}", r.head);
+        assert_eq!(r.header("token-sidecar-error"), Some("request_timeout"));
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"], "request_timeout");
+        assert!(
+            took >= bound - Duration::from_millis(200),
+            "408 after {took:?}"
+        );
+        let closed = wait_closed(&mut s, Duration::from_secs(2)).await;
+        assert!(closed.is_some(), "the connection stayed open after the 408");
+        eprintln!("body_read_timeout: stalled body -> 408 after {took:?}, connection closed");
+        let paths: Vec<String> = up
+            .received()
+            .into_iter()
+            .map(|r| r.path_and_query)
+            .collect();
+        assert_eq!(paths, ["/normal"], "the stalled request was not forwarded");
+        sc.stop().await;
+
+        // The body is read before the token is taken: with no token to be had at all (the
+        // token endpoint refuses connections), the stalled body still gets 408, not 503.
+        let nowhere = format!("http://127.0.0.1:{}/token", free_port());
+        let sc = Running::start(
+            limits_config(&nowhere)
+                .proxy(|p| p.body_read_timeout = bound)
+                .route(RouteBuilder::path("orders", "/orders/", &up.url())),
+        )
+        .await;
+        let mut s = TcpStream::connect(sc.addr).await.unwrap();
+        s.write_all(stalled).await.unwrap();
+        let r = timeout(Duration::from_secs(5), read_response(&mut s))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert_eq!(r.status, 408, "{}", r.head);
+        sc.stop().await;
+    })
+    .await
+}
+
+/// An upstream that reads each request body to its end and reports how many bytes came and
+/// whether the body ended cleanly or broke off (the request was aborted).
+async fn body_reporting_upstream() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(u64, bool)>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let mut body = req.into_body();
+                        let mut n = 0u64;
+                        let complete = loop {
+                            match body.frame().await {
+                                None => break true,
+                                Some(Err(_)) => break false,
+                                Some(Ok(f)) => {
+                                    n += f.data_ref().map_or(0, |d| d.len() as u64);
+                                }
+                            }
+                        };
+                        let _ = tx.send((n, complete));
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, rx, task)
+}
+
+#[tokio::test]
+async fn a_streamed_body_that_stalls_midway_aborts_the_upstream_request_and_frees_the_connection() {
+    bounded(async {
+        let idp = idp().await;
+        let (up, mut reports, up_task) = body_reporting_upstream().await;
+        let bound = Duration::from_secs(1);
+        let sc = Running::start(
+            limits_config(&idp.token_url())
+                .proxy(|p| p.body_read_timeout = bound)
+                .route(
+                    RouteBuilder::path("orders", "/orders/", &format!("http://{up}"))
+                        // Long enough that only the body deadline can end the exchange.
+                        .with(|r| r.timeout = Duration::from_secs(30)),
+                ),
+        )
+        .await;
+        sc.wait_ready().await;
+
+        // Two bodies too large to buffer (retry_body_limit is 64 KiB): chunked, and with a
+        // Content-Length of 1 MiB; each sends 100 KiB and goes silent.
+        let sent = 100 * 1024;
+        let chunked = format!(
+            "POST /orders/up HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n{sent:x}\r\n"
+        );
+        let sized = "POST /orders/up HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1048576\r\n\r\n"
+            .to_string();
+        for (what, head) in [("chunked", chunked), ("1 MiB Content-Length", sized)] {
+            let mut s = TcpStream::connect(sc.addr).await.unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.write_all(&vec![b'x'; sent]).await.unwrap();
+            let t = Instant::now();
+            let (got, complete) = timeout(Duration::from_secs(5), reports.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{what}: the upstream request still open after 5 s"))
+                .unwrap();
+            let aborted_after = t.elapsed();
+            assert!(!complete, "{what}: the upstream saw a complete body");
+            assert_eq!(got, sent as u64, "{what}: the upstream got what was sent");
+            // The downstream hears 408 (no response had started) and is disconnected.
+            let r = timeout(Duration::from_secs(2), read_response(&mut s))
+                .await
+                .unwrap_or_else(|_| panic!("{what}: no answer"))
+                .unwrap();
+            assert_eq!(r.status, 408, "{what}: {}", r.head);
+            let closed = wait_closed(&mut s, Duration::from_secs(2)).await;
+            assert!(closed.is_some(), "{what}: the downstream connection stayed open");
+            eprintln!("body_read_timeout: {what} body stalled after 100 KiB -> upstream request aborted after {aborted_after:?}, 408, connection closed");
+            assert!(aborted_after >= bound - Duration::from_millis(200));
+        }
+        up_task.abort();
+        sc.stop().await;
+    })
+    .await
+}
+
+// ---- proxy.max_concurrent_streams -----------------------------------------------------------
+
+/// `n` concurrent `GET path` on one HTTP/2 connection, started after one warm-up request
+/// (`/orders/warm`) has been answered, so the client knows the server's SETTINGS; the statuses,
+/// once all are answered. (A client that opens streams before it has the SETTINGS gets the
+/// excess ones refused with `REFUSED_STREAM`.)
+async fn h2_burst(addr: SocketAddr, path: &str, n: usize) -> tokio::task::JoinHandle<Vec<u16>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let warm = Request::get(format!("http://localhost:{}/orders/warm", addr.port()))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = sender.clone().send_request(warm).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+    let uri = format!("http://localhost:{}{path}", addr.port());
+    tokio::spawn(async move {
+        let requests = (0..n).map(|_| {
+            let mut sender = sender.clone();
+            let req = Request::get(&uri)
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            async move {
+                let resp = sender.send_request(req).await.unwrap();
+                let status = resp.status().as_u16();
+                resp.into_body().collect().await.unwrap();
+                status
+            }
+        });
+        futures_util::future::join_all(requests).await
+    })
+}
+
+#[tokio::test]
+async fn an_http2_client_opening_more_streams_than_allowed_has_them_limited() {
+    bounded(async {
+        let idp = idp().await;
+        let up = Upstream::start().await;
+        let sc = Running::start(
+            limits_config(&idp.token_url())
+                .proxy(|p| p.max_concurrent_streams = 2)
+                .route(RouteBuilder::path("orders", "/orders/", &up.url())),
+        )
+        .await;
+        sc.wait_ready().await;
+
+        // Six 1-second requests on one connection: two at a time reach the upstream.
+        let burst = h2_burst(sc.addr, "/orders/slow/1000", 6).await;
+        let t = Instant::now();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            up.count(),
+            1 + 2,
+            "streams in flight at once (after the warm-up)"
+        );
+        let statuses = timeout(Duration::from_secs(10), burst)
+            .await
+            .unwrap()
+            .unwrap();
+        let took = t.elapsed();
+        assert_eq!(statuses, [200; 6]);
+        eprintln!("max_concurrent_streams = 2: six 1 s requests on one connection took {took:?}");
+        assert!(
+            took >= Duration::from_millis(2900),
+            "{took:?}: not three waves"
+        );
+        sc.stop().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn http2_streams_count_against_the_listeners_request_limit() {
+    bounded(async {
+        let idp = idp().await;
+        let up = Upstream::start().await;
+        // Two requests in flight per listener at most, whatever the streams per connection.
+        let sc = Running::start(
+            limits_config(&idp.token_url())
+                .proxy(|p| {
+                    p.max_connections = 2;
+                    p.max_concurrent_streams = 8;
+                })
+                .route(RouteBuilder::path("orders", "/orders/", &up.url())),
+        )
+        .await;
+        sc.wait_ready().await;
+        let burst = h2_burst(sc.addr, "/orders/slow/1000", 4).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            up.count(),
+            1 + 2,
+            "requests in flight on the listener (after the warm-up)"
+        );
+        let statuses = timeout(Duration::from_secs(10), burst)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(statuses, [200; 4]);
         sc.stop().await;
     })
     .await

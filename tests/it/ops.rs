@@ -478,3 +478,99 @@ async fn json_logs_carry_one_access_event_per_request() {
     assert_eq!(access[2]["status"], 404);
     assert!(!log.contains("secret=q"));
 }
+
+/// docs/spec.md §6 (logs): a stderr nobody reads (a stalled log pipe) costs log lines, counted
+/// in `token_sidecar_log_dropped_total`, and never requests. Through the real binary, whose
+/// stderr is a pipe this test never reads: once the pipe (64 KiB) and the writer's queue
+/// (2048 lines) are full, access-log lines are dropped while requests keep being answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stderr_nobody_reads_drops_log_lines_and_requests_keep_succeeding() {
+    use crate::support::process::wait_ready;
+    use futures_util::StreamExt;
+    let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let loopback = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let (proxy, admin) = (loopback(free_port()), loopback(free_port()));
+    let cfg = dir.path().join("sidecar.toml");
+    let text = SidecarConfig::new(&idp.token_url(), fixture("ec_p256_sec1.pem"))
+        .listen(proxy, admin)
+        .route(RouteBuilder::path("orders", "/orders/", &up.url()))
+        .to_toml();
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_token-sidecar"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .env_remove("SIDECAR_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Held open and never read.
+    let _stderr = child.stderr.take().unwrap();
+    wait_ready(&mut child, admin, Duration::from_secs(15), String::new)
+        .await
+        .expect("the sidecar became ready");
+
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let dropped = async || {
+        let (status, m) = get_text(&format!("http://{admin}/metrics")).await;
+        assert_eq!(status, 200);
+        sample(&m, "token_sidecar_log_dropped_total").unwrap_or(0.0)
+    };
+    let start = Instant::now();
+    let mut served = 0usize;
+    // Rounds of 1000 requests until lines are being dropped, then one more round; at most 15
+    // rounds (a blocking writer, with a queue of even 8192 lines, blocks well before that).
+    let mut rounds_after_drops = 0;
+    for round in 0..15 {
+        let batch = (0..1000).map(|i| {
+            let client = client.clone();
+            let url = format!("http://{proxy}/orders/r{round}-{i}");
+            async move { client.get(url).send().await.map(|r| r.status().as_u16()) }
+        });
+        let results = futures_util::stream::iter(batch)
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+        for r in results {
+            match r {
+                Ok(200) => served += 1,
+                other => panic!(
+                    "request {served} failed while stderr was not read: {other:?} (after {:?})",
+                    start.elapsed()
+                ),
+            }
+        }
+        if dropped().await > 0.0 {
+            rounds_after_drops += 1;
+            if rounds_after_drops == 2 {
+                break;
+            }
+        }
+    }
+    let n = dropped().await;
+    eprintln!(
+        "stderr never read: {served} requests served in {:?}; {n} log lines dropped",
+        start.elapsed()
+    );
+    assert!(
+        n > 0.0,
+        "no log line was counted as dropped after {served} requests"
+    );
+    assert_eq!(
+        rounds_after_drops, 2,
+        "a full round was served while lines were dropped"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the sidecar is still running"
+    );
+}

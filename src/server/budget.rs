@@ -1,0 +1,153 @@
+//! The worst-case memory of a configuration (docs/spec.md §6, "Memory"), computed from the same
+//! constants the listeners and the upstream pool are built with, so the arithmetic in the docs
+//! cannot drift from the code. A unit test holds the defaults and `deploy/`'s configuration to
+//! the 64 MiB limit of `deploy/kubernetes/deployment.yaml`.
+//!
+//! It is an upper bound on what the sidecar's own buffers can hold at once, every buffer full:
+//!
+//! - per proxy listener, `max_connections` connections, each at its worst as HTTP/1 (read and
+//!   write buffers, `max_header_bytes` each) or HTTP/2 (connection window, a frame, the HPACK
+//!   table, and `max_concurrent_streams` request heads);
+//! - per proxy listener, `max_connections` requests in flight (the accept loop's request
+//!   limit; HTTP/2 streams count), each with its parsed head and the replay copy, a buffered
+//!   body (`retry_body_limit`), an HTTP/2 send buffer, and one upstream exchange (HTTP/1
+//!   buffers or an HTTP/2 stream window and send buffer, plus TLS records);
+//! - the admin listener: `admin.max_connections` small connections, each with a `/metrics` text;
+//! - one token response (`token.max_response_bytes`, twice: the bytes and the parsed value)
+//!   per distinct token key;
+//! - the log queue;
+//! - the process itself (code, runtime, TLS roots, caches), measured.
+//!
+//! Kernel socket buffers are not in it: they are charged to the container's memory cgroup too,
+//! but bounded by the node's `net.ipv4.tcp_rmem`/`tcp_wmem` and drained at loopback speed.
+
+use crate::config::Config;
+use crate::proxy::upstream;
+use crate::server::accept::{
+    ADMIN_H2_WINDOW, ADMIN_MAX_HEADER_BYTES, ADMIN_MAX_STREAMS, H2_CONNECTION_WINDOW,
+    H2_MAX_SEND_BUF,
+};
+use crate::telemetry::BUFFERED_LINES;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+/// Resident memory of the release binary after start-up and 2000 requests at 32 at once, with
+/// two worker threads and the development server inside (`token-sidecar dev`): 13.7 MiB
+/// measured, rounded up.
+const PROCESS: u64 = 16 * MIB;
+/// An HTTP/2 frame being read (16 KiB default maximum frame size plus its header) and the HPACK
+/// decoder table (4 KiB default).
+const H2_CODEC: u64 = 16 * KIB + 9 + 4 * KIB;
+/// TLS to an upstream: a received and a sent record (16 KiB plus overhead each) and rustls's
+/// plaintext queue, rounded up.
+const TLS: u64 = 48 * KIB;
+/// The `/metrics` text: a fixed part and, per route, its request counters and histogram.
+const METRICS_FIXED: u64 = 4 * KIB;
+const METRICS_PER_ROUTE: u64 = 4 * KIB;
+/// The longest log line: an error text is cut at 1000 characters, plus its fields.
+const LOG_LINE: u64 = 1536;
+
+/// The worst case, item by item, in bytes.
+pub(crate) fn worst_case(c: &Config) -> Vec<(&'static str, u64)> {
+    let px = &c.proxy;
+    let head = px.max_header_bytes as u64;
+    let conns = px.max_connections as u64;
+    let streams = u64::from(px.max_concurrent_streams);
+    let listeners = 1 + c.route.iter().filter(|r| r.listen.is_some()).count() as u64;
+
+    let h1_conn = 2 * head;
+    let h2_conn = u64::from(H2_CONNECTION_WINDOW) + H2_CODEC + streams * head;
+    let upstream_h1 = 2 * upstream::H1_MAX_BUF as u64 + TLS;
+    let upstream_h2 =
+        u64::from(upstream::H2_STREAM_WINDOW) + upstream::H2_MAX_SEND_BUF as u64 + TLS;
+    let request = 2 * head
+        + px.retry_body_limit as u64
+        + H2_MAX_SEND_BUF as u64
+        + upstream_h1.max(upstream_h2);
+
+    let metrics = METRICS_FIXED + METRICS_PER_ROUTE * c.route.len() as u64;
+    let admin_head = ADMIN_MAX_HEADER_BYTES as u64;
+    let admin_h1 = 2 * admin_head + metrics;
+    let admin_h2 = u64::from(ADMIN_H2_WINDOW)
+        + H2_CODEC
+        + u64::from(ADMIN_MAX_STREAMS) * (admin_head + metrics);
+
+    let keys = {
+        let mut keys: Vec<_> = c
+            .route
+            .iter()
+            .map(|r| crate::token::TokenKey::new(&r.scope, &r.audience))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys.len() as u64
+    };
+    vec![
+        ("process (measured)", PROCESS),
+        (
+            "proxy connections",
+            listeners * conns * h1_conn.max(h2_conn),
+        ),
+        ("proxy requests in flight", listeners * conns * request),
+        (
+            "admin connections",
+            c.admin.max_connections as u64 * admin_h1.max(admin_h2),
+        ),
+        (
+            "token responses",
+            keys * 2 * c.token.max_response_bytes as u64,
+        ),
+        ("log queue", BUFFERED_LINES as u64 * LOG_LINE),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The memory limit of the token-sidecar container in `deploy/kubernetes/deployment.yaml`.
+    const DEPLOY_LIMIT: u64 = 64 * MIB;
+
+    fn report(what: &str, c: &Config) -> u64 {
+        let items = worst_case(c);
+        let total: u64 = items.iter().map(|(_, b)| b).sum();
+        eprintln!("worst case, {what}:");
+        for (item, bytes) in &items {
+            eprintln!("  {item:<26} {:>6.1} MiB", *bytes as f64 / MIB as f64);
+        }
+        eprintln!("  {:<26} {:>6.1} MiB", "total", total as f64 / MIB as f64);
+        total
+    }
+
+    #[test]
+    fn the_defaults_fit_in_the_deployment_memory_limit() {
+        let text = r#"
+[token]
+token_url = "https://idp.example.com/token"
+client_id = "c"
+
+[[route]]
+name = "orders"
+path_prefix = "/orders/"
+upstream = "https://orders.example.com"
+scope = ["orders:read"]
+"#;
+        let c: Config = toml::from_str(text).unwrap();
+        let total = report("defaults, one route", &c);
+        assert!(total <= DEPLOY_LIMIT, "{} MiB", total / MIB);
+    }
+
+    #[test]
+    fn the_deployed_config_fits_in_the_deployment_memory_limit() {
+        let deployment = include_str!("../../deploy/kubernetes/deployment.yaml");
+        assert!(
+            deployment.contains("memory: 64Mi"),
+            "the limit this test checks against is the deployment's"
+        );
+        let text = include_str!("../../deploy/kubernetes/sidecar.toml");
+        let c: Config = toml::from_str(text).unwrap();
+        let total = report("deploy/kubernetes/sidecar.toml", &c);
+        assert!(total <= DEPLOY_LIMIT, "{} MiB", total / MIB);
+    }
+}
