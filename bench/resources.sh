@@ -61,6 +61,9 @@ token_count() { curl -sf "http://127.0.0.1:$TOKEN_PORT/stats" | python3 -c 'impo
 cat >"$WORK/sidecar.toml" <<EOF
 [proxy]
 listen = "127.0.0.1:$TS_PORT"
+# Room for the HOLD_CONNS idle connections measured below (the default, 32, would make the
+# sidecar close idle ones to admit new ones).
+max_connections = 2048
 
 [admin]
 listen = "127.0.0.1:$TS_ADMIN_PORT"
