@@ -167,7 +167,9 @@ fn start_failure(e: &StartError, routes: &[String]) -> ExitCode {
             Some(i) => problem(&format!("route[{i}]"), r.message.clone()),
             None => problem("route", r.to_string()),
         }),
-        StartError::Client(ClientBuildError::Http(_)) | StartError::Bind { .. } => None,
+        // Discovery failing is the issuer's or the network's state, not a typo (docs/spec.md §7).
+        StartError::Client(ClientBuildError::Http(_) | ClientBuildError::Discovery(_))
+        | StartError::Bind { .. } => None,
     };
     match invalid {
         // Printed alone, not logged as well: one line per problem, as for validation.
@@ -212,10 +214,26 @@ fn check_config(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     // Loading the key proves the file parses and fits signing_alg, which validation alone cannot.
-    if let Err(e) = crate::token::client::TokenClient::new(&config.token) {
-        eprintln!("invalid config: {e}");
-        return ExitCode::from(2);
-    }
+    let client = match crate::token::client::TokenClient::new(&config.token) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("invalid config: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // With token.issuer, check-config fetches the metadata as `run` would (docs/spec.md §7):
+    // the discovered endpoint is what an operator needs to see. A failure is not a typo: exit 1.
+    let discovered = if client.endpoint().is_discovered() {
+        match runtime(1).block_on(client.discover()) {
+            Ok(()) => client.endpoint().current(),
+            Err(e) => {
+                eprintln!("token-sidecar: token.issuer: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     for r in &config.route {
         if let Err(e) = crate::proxy::upstream::Upstream::new(r) {
             eprintln!("invalid config: route {}: {e}", r.name);
@@ -223,6 +241,12 @@ fn check_config(path: &Path) -> ExitCode {
         }
     }
     println!("# {}: valid", path.display());
+    if let Some(url) = discovered {
+        println!(
+            "# token endpoint discovered from token.issuer: {}",
+            crate::util::redact_url(&url)
+        );
+    }
     print!("{}", config.to_redacted_toml());
     ExitCode::SUCCESS
 }
@@ -241,6 +265,10 @@ fn token(path: &Path, scopes: &[String], audiences: &[String]) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        if let Err(e) = client.discover().await {
+            eprintln!("token-sidecar: token.issuer: {e}");
+            return ExitCode::FAILURE;
+        }
         let key = crate::token::TokenKey::new(scopes, audiences);
         match client.fetch(&key).await {
             Ok(t) => {

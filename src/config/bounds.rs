@@ -48,6 +48,12 @@ fn durations(c: &Config) -> Vec<(String, Duration, Duration)> {
         ("token.default_token_ttl", t.default_token_ttl, DAY),
         ("token.refresh_before_expiry", t.refresh_before_expiry, DAY),
         ("token.expiry_skew", t.expiry_skew, DAY),
+        // Discovery: an issuer's metadata unchecked for over a day is stale.
+        (
+            "token.discovery_refresh_interval",
+            t.discovery_refresh_interval,
+            DAY,
+        ),
     ]
     .into_iter()
     .map(|(k, d, max)| (k.to_owned(), d, max))

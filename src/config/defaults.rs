@@ -120,6 +120,10 @@ pub(super) mod token {
     pub(crate) fn max_response_bytes() -> usize {
         256 * 1024
     }
+    /// An issuer's metadata changes rarely (a migration); hourly is cheap and notices it.
+    pub(crate) fn discovery_refresh_interval() -> Duration {
+        Duration::from_secs(3600)
+    }
 }
 
 /// `[[route]]` defaults, named by the schema's `#[serde(default = "…")]` attributes.

@@ -135,8 +135,10 @@ pub enum AudienceParam {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
-    /// The token endpoint, e.g. `https://hydra.example.com/oauth2/token`.
-    pub token_url: String,
+    /// The token endpoint, e.g. `https://hydra.example.com/oauth2/token`. Exactly one of
+    /// `token_url` and `issuer` is set; read it through [`TokenConfig::endpoint`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_url: Option<String>,
     /// Required to be true for a plain `http://` token_url (credentials would cross the network in clear text).
     #[serde(default)]
     pub allow_insecure_token_url: bool,
@@ -219,6 +221,44 @@ pub struct TokenConfig {
     /// Additional form parameters sent with every token request.
     #[serde(default)]
     pub extra_params: BTreeMap<String, String>,
+    // Discovery and trust pinning (issue 12 items 4 and 5; docs/spec.md §2).
+    /// The issuer whose metadata names the token endpoint (OIDC Discovery, RFC 8414), instead
+    /// of `token_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Accept a discovered token endpoint on another host than the issuer's.
+    #[serde(default)]
+    pub allow_cross_host_endpoint: bool,
+    /// How often the issuer's metadata is fetched again; a failure keeps the last good one.
+    #[serde(
+        default = "defaults::token::discovery_refresh_interval",
+        with = "duration_str"
+    )]
+    pub discovery_refresh_interval: Duration,
+    /// Trust only `ca_file` for the token endpoint (and discovery), not the public roots.
+    #[serde(default)]
+    pub ca_only: bool,
+}
+
+/// Where the token endpoint comes from: the one accessor for `token_url` / `issuer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EndpointSource<'a> {
+    /// `token_url`, exactly as written.
+    Fixed(&'a str),
+    /// `issuer`: the endpoint is discovered at start (`token::discovery`).
+    Issuer(&'a str),
+}
+
+impl TokenConfig {
+    /// The configured source of the token endpoint. Validation guarantees exactly one of the
+    /// two keys; an unvalidated config with neither reads as an empty fixed URL.
+    pub(crate) fn endpoint(&self) -> EndpointSource<'_> {
+        match (&self.issuer, &self.token_url) {
+            (Some(i), None) => EndpointSource::Issuer(i),
+            (_, Some(u)) => EndpointSource::Fixed(u),
+            (None, None) => EndpointSource::Fixed(""),
+        }
+    }
 }
 
 /// `[[route]]`: one upstream and the token it gets.
@@ -258,6 +298,9 @@ pub struct RouteConfig {
     /// `WWW-Authenticate: Bearer error="invalid_token"` challenge.
     #[serde(default)]
     pub retry_on_401: bool,
+    /// Trust only `ca_file` for this upstream, not the public roots (a pinned private CA).
+    #[serde(default)]
+    pub ca_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -301,10 +344,13 @@ impl Config {
         let mut shown = self.clone();
         // A token_url query may hold an API key (user info is refused by validation, but this
         // also renders configs that failed it): shown like a secret, as a marker only.
-        if let Ok(u) = url::Url::parse(&self.token.token_url)
+        if let Some(Ok(u)) = self.token.token_url.as_deref().map(url::Url::parse)
             && (u.query().is_some() || u.fragment().is_some() || !u.username().is_empty())
         {
-            shown.token.token_url = format!("{}?[redacted]", crate::util::redact_url(u.as_str()));
+            shown.token.token_url = Some(format!(
+                "{}?[redacted]",
+                crate::util::redact_url(u.as_str())
+            ));
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }

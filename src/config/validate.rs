@@ -79,23 +79,24 @@ impl Config {
 
     fn validate_token(&self, p: &mut Problems) {
         let t = &self.token;
-        match Url::parse(&t.token_url) {
-            Err(e) => p.add("token.token_url", format!("not a valid URL: {e}")),
-            Ok(u) => {
-                match u.scheme() {
-                    "https" => {}
-                    "http" if t.allow_insecure_token_url => {}
-                    "http" => p.add(
-                        "token.token_url",
-                        "plain http:// would send client credentials in clear text; use https:// or set token.allow_insecure_token_url = true",
-                    ),
-                    s => p.add(
-                        "token.token_url",
-                        format!("scheme {s:?} is not supported; use https://"),
-                    ),
-                }
-                check_token_url_parts(p, &u);
-            }
+        match (&t.token_url, &t.issuer) {
+            (Some(url), None) => check_endpoint_url(p, t, "token.token_url", url),
+            // Discovery (docs/spec.md §2): the issuer is checked like a token URL; what it
+            // names is checked when fetched (token::discovery).
+            (None, Some(issuer)) => check_endpoint_url(p, t, "token.issuer", issuer),
+            (Some(_), Some(_)) => p.add(
+                "token.issuer",
+                "set either token.token_url or token.issuer, not both",
+            ),
+            (None, None) => p.add(
+                "token.token_url",
+                "required: set token.token_url, or token.issuer to discover it",
+            ),
+        }
+        self.validate_trust_pinning(p);
+        // A refresh per second at most: a zero interval would spin against the issuer.
+        if t.discovery_refresh_interval < std::time::Duration::from_secs(1) {
+            p.add("token.discovery_refresh_interval", "must be at least 1s");
         }
         if t.client_id.trim().is_empty() {
             p.add("token.client_id", "must not be empty");
@@ -194,6 +195,25 @@ impl Config {
                 p.add(
                     format!("token.extra_params.{name}"),
                     "is set by the sidecar itself and cannot be overridden",
+                );
+            }
+        }
+    }
+
+    /// `ca_only` (docs/spec.md §4): trusting only `ca_file` needs a `ca_file`, or nothing
+    /// would be trusted at all.
+    fn validate_trust_pinning(&self, p: &mut Problems) {
+        if self.token.ca_only && self.token.ca_file.is_none() {
+            p.add(
+                "token.ca_only",
+                "requires token.ca_file (the only CA to trust)",
+            );
+        }
+        for (i, r) in self.route.iter().enumerate() {
+            if r.ca_only && r.ca_file.is_none() {
+                p.add(
+                    format!("route[{i}].ca_only"),
+                    "requires ca_file (the only CA to trust)",
                 );
             }
         }
@@ -364,6 +384,25 @@ fn is_host_entry(s: &str) -> bool {
     name_ok && port_ok
 }
 
+/// The token URL or the issuer: https (or allowed http), no user info, no fragment.
+fn check_endpoint_url(p: &mut Problems, t: &TokenConfig, key: &str, url: &str) {
+    match Url::parse(url) {
+        Err(e) => p.add(key, format!("not a valid URL: {e}")),
+        Ok(u) => {
+            match u.scheme() {
+                "https" => {}
+                "http" if t.allow_insecure_token_url => {}
+                "http" => p.add(
+                    key,
+                    "plain http:// would send client credentials in clear text; use https:// or set token.allow_insecure_token_url = true",
+                ),
+                s => p.add(key, format!("scheme {s:?} is not supported; use https://")),
+            }
+            check_token_url_parts(p, key, &u);
+        }
+    }
+}
+
 fn check_readable(p: &mut Problems, key: &str, path: &Path) {
     if let Err(e) = std::fs::metadata(path) {
         p.add(key, format!("cannot read {}: {e}", path.display()));
@@ -373,15 +412,15 @@ fn check_readable(p: &mut Problems, key: &str, path: &Path) {
 /// `token_url` may carry a query (Azure AD B2C names its policy in `?p=`), which is why it is
 /// shown redacted everywhere; user info and fragments have no place in it. The messages do not
 /// echo the URL: what they refuse is what must not be shown.
-fn check_token_url_parts(p: &mut Problems, u: &Url) {
+fn check_token_url_parts(p: &mut Problems, key: &str, u: &Url) {
     if !u.username().is_empty() || u.password().is_some() {
         p.add(
-            "token.token_url",
+            key,
             "must not carry user info (name:secret@ before the host); put the client secret in token.client_secret_file",
         );
     }
     if u.fragment().is_some() {
-        p.add("token.token_url", "must not have a fragment (#...)");
+        p.add(key, "must not have a fragment (#...)");
     }
 }
 
@@ -481,6 +520,55 @@ upstream = "https://x.example.com"
             assert!(keys.contains(&want), "missing {want} in {keys:?}");
         }
         assert_eq!(err.to_string().lines().count(), err.problems.len());
+    }
+
+    /// `token.issuer` replaces `token_url` (exactly one of the two), is checked like it, and
+    /// `ca_only` needs the `ca_file` it pins to.
+    #[test]
+    fn issuer_and_token_url_are_exclusive_and_ca_only_needs_a_ca_file() {
+        let with = |token: &str, route: &str| {
+            format!(
+                "[token]\n{token}\nclient_id = \"c\"\nauth_method = \"client_secret_post\"\nclient_secret = \"s\"\n\
+                 [[route]]\nname = \"a\"\npath_prefix = \"/a/\"\nupstream = \"https://a.example.com\"\n{route}"
+            )
+        };
+        let keys = |text: String| -> Vec<String> {
+            match from_toml_str(&text) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.problems.into_iter().map(|p| p.key).collect(),
+            }
+        };
+        let c = from_toml_str(&with("issuer = \"https://hydra.example.com/\"", "")).unwrap();
+        assert_eq!(
+            c.token.endpoint(),
+            super::super::EndpointSource::Issuer("https://hydra.example.com/")
+        );
+        assert_eq!(keys(with("", "")), ["token.token_url"]);
+        assert_eq!(
+            keys(with(
+                "issuer = \"https://i.example.com\"\ntoken_url = \"https://i.example.com/t\"",
+                ""
+            )),
+            ["token.issuer"]
+        );
+        assert_eq!(
+            keys(with("issuer = \"http://i.example.com\"", "")),
+            ["token.issuer"]
+        );
+        assert_eq!(
+            keys(with(
+                "issuer = \"https://i.example.com\"\ndiscovery_refresh_interval = \"0s\"",
+                ""
+            )),
+            ["token.discovery_refresh_interval"]
+        );
+        assert_eq!(
+            keys(with(
+                "token_url = \"https://i.example.com/t\"\nca_only = true",
+                "ca_only = true"
+            )),
+            ["token.ca_only", "route[0].ca_only"]
+        );
     }
 
     /// A private_key_jwt config whose key file holds `contents`, with `extra` under `[token]`.

@@ -276,14 +276,22 @@ fn usable_key(
 /// Points the client at the development server. `assertion_audience` and `ca_file` describe
 /// the real server, so they go too.
 fn use_token_endpoint(t: &mut TokenConfig, url: &str, replaced: &mut Vec<String>) {
-    t.token_url = url.to_string();
+    t.token_url = Some(url.to_string());
     t.allow_insecure_token_url = true;
     replaced.push(format!("token.token_url replaced by {url}"));
+    if let Some(i) = t.issuer.take() {
+        replaced.push(format!(
+            "token.issuer {} dropped (the development server is the token endpoint)",
+            crate::util::redact_url(&i)
+        ));
+    }
     if let Some(a) = t.assertion_audience.take() {
         replaced.push(format!(
             "token.assertion_audience {a} dropped (the development server expects its token_url)"
         ));
     }
+    // ca_only pins ca_file, which goes: it cannot stay without it.
+    t.ca_only = false;
     if let Some(ca) = t.ca_file.take() {
         replaced.push(format!(
             "token.ca_file {} dropped (the development token endpoint is plain HTTP on loopback)",

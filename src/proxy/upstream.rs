@@ -43,7 +43,7 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
-        let tls = tls::client_config(cfg.ca_file.as_deref())?;
+        let tls = tls::client_config(cfg.ca_file.as_deref(), cfg.ca_only)?;
         let https = HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()

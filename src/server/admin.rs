@@ -18,15 +18,21 @@ use tokio::time::Instant;
 use crate::metrics::Metrics;
 use crate::proxy::respond::json_response;
 use crate::proxy::{Proxy, ProxyBody};
+use crate::token::client::Endpoint;
 
 pub(crate) struct Admin {
     proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
+    endpoint: Endpoint,
 }
 
 impl Admin {
-    pub(crate) fn new(proxy: Arc<Proxy>, metrics: Arc<Metrics>) -> Admin {
-        Admin { proxy, metrics }
+    pub(crate) fn new(proxy: Arc<Proxy>, metrics: Arc<Metrics>, endpoint: Endpoint) -> Admin {
+        Admin {
+            proxy,
+            metrics,
+            endpoint,
+        }
     }
 
     pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -58,7 +64,9 @@ impl Admin {
     }
 
     /// 200 while every route's token is usable; otherwise 503 naming each route that waits.
+    /// Both name the token endpoint in use (redacted; with `token.issuer`, the discovered one).
     fn readyz(&self) -> Response<http_body_util::Full<bytes::Bytes>> {
+        let endpoint = self.endpoint.current().map(|u| crate::util::redact_url(&u));
         let now = Instant::now();
         let mut waiting = Vec::new();
         for route in &self.proxy.table.routes {
@@ -67,11 +75,14 @@ impl Admin {
             }
         }
         if waiting.is_empty() {
-            json_response(StatusCode::OK, &json!({"status": "ready"}))
+            json_response(
+                StatusCode::OK,
+                &json!({"status": "ready", "token_endpoint": endpoint}),
+            )
         } else {
             json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "not_ready", "waiting": waiting}),
+                &json!({"status": "not_ready", "waiting": waiting, "token_endpoint": endpoint}),
             )
         }
     }

@@ -30,7 +30,7 @@ use crate::proxy::routes::{Route, RouteError, RouteTable};
 use crate::proxy::{Listener, Proxy};
 use crate::token::TokenKey;
 use crate::token::cache::{CacheBuilder, Policy, TokenCache};
-use crate::token::client::{ClientBuildError, TokenClient};
+use crate::token::client::{ClientBuildError, Endpoint, TokenClient};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -53,6 +53,7 @@ pub struct Sidecar {
     proxy: Arc<Proxy>,
     cache: Arc<TokenCache>,
     metrics: Arc<Metrics>,
+    endpoint: Endpoint,
     main: TcpListener,
     dedicated: Vec<(usize, TcpListener)>,
     admin: TcpListener,
@@ -81,6 +82,9 @@ impl Sidecar {
     /// Builds everything from a validated config. Must run inside a Tokio runtime.
     pub async fn bind(config: Config) -> Result<Sidecar, StartError> {
         let client = Arc::new(TokenClient::new(&config.token)?);
+        // With token.issuer, no token is asked for before the endpoint is known and checked.
+        client.discover().await.map_err(ClientBuildError::from)?;
+        let endpoint = client.endpoint().clone();
         // Each route takes its slot (shared by equal sets) and its metrics as it is built; the
         // refreshers start once every route has its slot.
         let mut slots = CacheBuilder::new(Policy::from_config(&config.token));
@@ -116,6 +120,7 @@ impl Sidecar {
             proxy,
             cache,
             metrics,
+            endpoint,
             main,
             dedicated,
             admin,
@@ -166,7 +171,11 @@ impl Sidecar {
         for (i, listener) in self.dedicated {
             serve_proxy(listener, Listener::Dedicated(i));
         }
-        let admin = Arc::new(Admin::new(self.proxy.clone(), self.metrics.clone()));
+        let admin = Arc::new(Admin::new(
+            self.proxy.clone(),
+            self.metrics.clone(),
+            self.endpoint.clone(),
+        ));
         let admin_limits = &self.config.admin;
         loops.push(tokio::spawn(accept_loop(
             self.admin,

@@ -7,15 +7,17 @@
 //! it can never hang longer than that.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use tokio::time::Instant;
 
-use crate::config::{AudienceParam, AuthMethod, TokenConfig};
+use crate::config::{AudienceParam, AuthMethod, EndpointSource, TokenConfig};
 use crate::key::{KeyError, KeySource};
 use crate::secret::Secret;
 use crate::token::backoff::{self, RetryPolicy, RetryState};
+use crate::token::discovery::{Discovery, DiscoveryError, Rules};
 use crate::token::{AccessToken, ResponseError, TokenKey, parse_response, parse_retry_after};
 use crate::util::{self, MAX_FILE_BYTES, redact_url, reqwest_error, unix_now};
 
@@ -127,7 +129,8 @@ impl FetchError {
 enum ClientAuth {
     PrivateKeyJwt {
         key: KeySource,
-        audience: String,
+        /// `assertion_audience`; None: the token endpoint of the attempt (docs/spec.md §2).
+        audience: Option<String>,
         lifetime: Duration,
         clock_tolerance: Duration,
     },
@@ -158,10 +161,33 @@ impl SecretSource {
     }
 }
 
+/// The token endpoint: `token_url` as written, or the one discovered from `token.issuer`.
+/// Cheap to clone; [`Endpoint::current`] is lock-free, so each attempt reads it anew.
+#[derive(Clone, Debug)]
+pub(crate) enum Endpoint {
+    Fixed(Arc<String>),
+    Discovered(Arc<Discovery>),
+}
+
+impl Endpoint {
+    /// The endpoint to use now; None only before discovery's first success.
+    pub(crate) fn current(&self) -> Option<Arc<String>> {
+        match self {
+            Endpoint::Fixed(u) => Some(u.clone()),
+            Endpoint::Discovered(d) => d.current(),
+        }
+    }
+
+    /// Whether the endpoint was discovered (for how `check-config` and `/readyz` label it).
+    pub(crate) fn is_discovered(&self) -> bool {
+        matches!(self, Endpoint::Discovered(_))
+    }
+}
+
 /// Talks to one token endpoint as one client.
 pub(crate) struct TokenClient {
     http: reqwest::Client,
-    token_url: String,
+    endpoint: Endpoint,
     client_id: String,
     auth: ClientAuth,
     audience_param: AudienceParam,
@@ -175,7 +201,10 @@ impl std::fmt::Debug for TokenClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenClient")
             // The query may hold an API key (spec §6: URLs are shown redacted).
-            .field("token_url", &redact_url(&self.token_url))
+            .field(
+                "token_url",
+                &self.endpoint.current().map(|u| redact_url(&u)),
+            )
             .field("client_id", &self.client_id)
             .finish_non_exhaustive()
     }
@@ -189,6 +218,8 @@ pub enum ClientBuildError {
     Ca(String),
     #[error("token client: {0}")]
     Http(String),
+    #[error("token.issuer: {0}")]
+    Discovery(#[from] DiscoveryError),
 }
 
 impl TokenClient {
@@ -205,7 +236,12 @@ impl TokenClient {
                 .map_err(|e| ClientBuildError::Ca(format!("cannot read {}: {e}", ca.display())))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| ClientBuildError::Ca(format!("{}: {e}", ca.display())))?;
-            builder = builder.tls_certs_merge(certs);
+            // ca_only (docs/spec.md §4): a pinned private CA; the public roots are not consulted.
+            builder = if cfg.ca_only {
+                builder.tls_certs_only(certs)
+            } else {
+                builder.tls_certs_merge(certs)
+            };
         }
         let http = builder
             .build()
@@ -230,10 +266,7 @@ impl TokenClient {
                 };
                 ClientAuth::PrivateKeyJwt {
                     key: KeySource::load(path, alg, cfg.key_id.clone())?,
-                    audience: cfg
-                        .assertion_audience
-                        .clone()
-                        .unwrap_or_else(|| cfg.token_url.clone()),
+                    audience: cfg.assertion_audience.clone(),
                     lifetime: cfg.assertion_lifetime,
                     clock_tolerance: cfg.clock_skew_tolerance,
                 }
@@ -242,9 +275,22 @@ impl TokenClient {
             AuthMethod::ClientSecretPost => ClientAuth::SecretPost(secret_source()),
         };
 
+        let endpoint = match cfg.endpoint() {
+            EndpointSource::Fixed(u) => Endpoint::Fixed(Arc::new(u.to_owned())),
+            EndpointSource::Issuer(issuer) => Endpoint::Discovered(Arc::new(Discovery::new(
+                issuer,
+                Rules {
+                    allow_insecure: cfg.allow_insecure_token_url,
+                    allow_cross_host: cfg.allow_cross_host_endpoint,
+                },
+                http.clone(),
+                cfg.request_timeout,
+                cfg.discovery_refresh_interval,
+            )?)),
+        };
         Ok(TokenClient {
             http,
-            token_url: cfg.token_url.clone(),
+            endpoint,
             client_id: cfg.client_id.clone(),
             auth,
             audience_param: cfg.audience_param,
@@ -257,6 +303,20 @@ impl TokenClient {
             max_response_bytes: cfg.max_response_bytes,
             default_ttl: cfg.default_token_ttl,
         })
+    }
+
+    /// Discovers the token endpoint when `token.issuer` is set (a failure is a start-up
+    /// error) and starts its refresher; nothing to do for `token_url`. Call once, in a runtime.
+    pub(crate) async fn discover(&self) -> Result<(), DiscoveryError> {
+        match &self.endpoint {
+            Endpoint::Fixed(_) => Ok(()),
+            Endpoint::Discovered(d) => d.start().await,
+        }
+    }
+
+    /// The token endpoint, for `/readyz` and `check-config`.
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     /// The signing key source, when the client authenticates with `private_key_jwt`.
@@ -354,7 +414,11 @@ impl TokenClient {
     ) -> Result<(reqwest::RequestBuilder, Secret<String>), FetchError> {
         let mut form = url::form_urlencoded::Serializer::new(String::new());
         form.append_pair("grant_type", "client_credentials");
-        let mut request = self.http.post(&self.token_url);
+        // Read per attempt: a refreshed discovery document takes effect at the next attempt.
+        let token_url = self.endpoint.current().ok_or_else(|| {
+            FetchError::Transport("the token endpoint has not been discovered yet".into())
+        })?;
+        let mut request = self.http.post(token_url.as_str());
         match &self.auth {
             ClientAuth::PrivateKeyJwt {
                 key: source,
@@ -366,7 +430,7 @@ impl TokenClient {
                 let assertion = crate::token::assertion::sign_tolerant(
                     &signing_key,
                     &self.client_id,
-                    audience,
+                    audience.as_deref().unwrap_or(&token_url),
                     *lifetime,
                     *clock_tolerance,
                 )

@@ -5,6 +5,7 @@
 //! - [`assertion`] — the RFC 7523 client assertion.
 //! - [`client`] — one `client_credentials` request with the retry policy (request building is
 //!   separate from sending).
+//! - [`discovery`] — the token endpoint from the issuer's metadata, refreshed on a schedule.
 //! - [`cache`] — one slot per key, refreshed ahead of expiry by a single, supervised refresher
 //!   per key.
 //! - [`backoff`] — the per-key retry schedule, a pure state machine.
@@ -17,6 +18,7 @@ pub(crate) mod assertion;
 pub(crate) mod backoff;
 pub(crate) mod cache;
 pub(crate) mod client;
+pub(crate) mod discovery;
 pub(crate) mod gate;
 #[cfg(test)]
 mod props;
