@@ -17,6 +17,7 @@ mod cli;
 mod core;
 mod dev;
 mod dev_layering;
+mod discovery;
 mod evictions;
 mod faults;
 mod hostile;
