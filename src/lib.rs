@@ -11,7 +11,8 @@
 //! - `key/` — the signing key: the one algorithm catalogue, decoding PEM and JWK files through
 //!   maintained crates, re-reading the file when it changes.
 //! - `token/` — the cache key and RFC 6749 response types, the RFC 7523 assertion, the token
-//!   client (request building separate from sending), the refresh-ahead cache with
+//!   client (request building separate from sending), the token endpoint discovered from the
+//!   issuer's metadata (refreshed on a schedule), the refresh-ahead cache with
 //!   its supervised refreshers, the per-key retry schedule, the eviction gate.
 //! - `proxy/` — the request path as named phase functions, routes, header rules, the request
 //!   body's progress deadline, the upstream pool, and the one place errors become responses.
