@@ -83,7 +83,14 @@ impl Config {
             (Some(url), None) => check_endpoint_url(p, t, "token.token_url", url),
             // Discovery (docs/spec.md §2): the issuer is checked like a token URL; what it
             // names is checked when fetched (token::discovery).
-            (None, Some(issuer)) => check_endpoint_url(p, t, "token.issuer", issuer),
+            (None, Some(issuer)) => {
+                check_endpoint_url(p, t, "token.issuer", issuer);
+                // RFC 8414 §2: an issuer is scheme, host and path; a query could not be
+                // compared with the document's issuer and could hide a credential.
+                if Url::parse(issuer).is_ok_and(|u| u.query().is_some()) {
+                    p.add("token.issuer", "must not have a query (?...)");
+                }
+            }
             (Some(_), Some(_)) => p.add(
                 "token.issuer",
                 "set either token.token_url or token.issuer, not both",
@@ -553,6 +560,10 @@ upstream = "https://x.example.com"
         );
         assert_eq!(
             keys(with("issuer = \"http://i.example.com\"", "")),
+            ["token.issuer"]
+        );
+        assert_eq!(
+            keys(with("issuer = \"https://i.example.com/?tenant=x\"", "")),
             ["token.issuer"]
         );
         assert_eq!(

@@ -236,7 +236,8 @@ impl TokenClient {
                 .map_err(|e| ClientBuildError::Ca(format!("cannot read {}: {e}", ca.display())))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| ClientBuildError::Ca(format!("{}: {e}", ca.display())))?;
-            // ca_only (docs/spec.md §4): a pinned private CA; the public roots are not consulted.
+            // ca_only (docs/spec.md §4): a pinned private CA. With tls_certs_only reqwest
+            // verifies against these roots alone instead of the platform verifier.
             builder = if cfg.ca_only {
                 builder.tls_certs_only(certs)
             } else {
