@@ -41,6 +41,8 @@ enum Doc {
 }
 
 struct FakeState {
+    /// In the tokens, so two fakes never issue the same one.
+    port: u16,
     doc: Mutex<Doc>,
     metadata_requests: AtomicU64,
     failed_metadata: AtomicU64,
@@ -48,7 +50,7 @@ struct FakeState {
 }
 
 /// An issuer on loopback (HTTP, or HTTPS with the given config) serving a metadata document
-/// and a token endpoint at `/oauth2/token` that issues `fake-token-N` (an hour's lifetime).
+/// and a token endpoint at `/oauth2/token` that issues `fake-token-N@PORT` (an hour's lifetime).
 struct FakeIssuer {
     addr: SocketAddr,
     scheme: &'static str,
@@ -68,6 +70,7 @@ impl FakeIssuer {
         let addr = listener.local_addr().unwrap();
         let scheme = if tls.is_some() { "https" } else { "http" };
         let state = Arc::new(FakeState {
+            port: addr.port(),
             doc: Mutex::new(Doc::Fail),
             metadata_requests: AtomicU64::new(0),
             failed_metadata: AtomicU64::new(0),
@@ -119,6 +122,11 @@ impl FakeIssuer {
         *self.state.doc.lock().unwrap() = doc;
     }
 
+    /// The `n`th token this fake issues.
+    fn token(&self, n: u64) -> String {
+        format!("fake-token-{n}@{}", self.addr.port())
+    }
+
     fn token_requests(&self) -> u64 {
         self.state.token_requests.load(Ordering::SeqCst)
     }
@@ -138,7 +146,7 @@ fn answer(s: &FakeState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let n = s.token_requests.fetch_add(1, Ordering::SeqCst) + 1;
         return json_response(
             StatusCode::OK,
-            &json!({"access_token": format!("fake-token-{n}"), "token_type": "Bearer", "expires_in": 3600}),
+            &json!({"access_token": format!("fake-token-{n}@{}", s.port), "token_type": "Bearer", "expires_in": 3600}),
         );
     }
     let oidc = path == "/.well-known/openid-configuration";
@@ -240,7 +248,7 @@ async fn rfc8414_metadata_is_the_fallback_for_an_issuer_with_a_path() {
     sc.wait_ready().await;
     let resp = http_client().get(sc.url("/orders/1")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(up.received()[0].bearer().unwrap(), "fake-token-1");
+    assert_eq!(up.received()[0].bearer().unwrap(), fake.token(1));
     sc.stop().await;
 }
 
@@ -343,12 +351,12 @@ async fn a_failed_refresh_keeps_the_last_good_endpoint() {
             .status(),
         200
     );
-    up.revoke("fake-token-1");
+    up.revoke(&fake.token(1));
     let resp = client.get(sc.url("/orders/2")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(
         up.received().last().unwrap().bearer().unwrap(),
-        "fake-token-2"
+        fake.token(2)
     );
     assert_eq!(fake.token_requests(), 2);
     sc.stop().await;
@@ -381,7 +389,7 @@ async fn token_ca_only_trusts_exactly_the_pinned_ca() {
     sc.wait_ready().await;
     let resp = http_client().get(sc.url("/orders/1")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(up.received()[0].bearer().unwrap(), "fake-token-1");
+    assert_eq!(up.received()[0].bearer().unwrap(), fake.token(1));
     sc.stop().await;
 
     let err = start_error(cfg(&other)).await;
@@ -491,4 +499,44 @@ async fn check_config_shows_the_discovered_endpoint_and_run_names_the_issuer_on_
         assert_eq!(code, 1, "{cmd}: {out}\n{err}");
         assert!(err.contains("token.issuer: cannot fetch"), "{cmd}: {err}");
     }
+}
+
+/// A refreshed document that names a new token endpoint takes effect at the next attempt
+/// without a restart: the next token comes from the new endpoint, and `/readyz` names it.
+#[tokio::test]
+async fn a_refreshed_document_moves_the_next_attempt_to_the_new_endpoint() {
+    let fake = FakeIssuer::start(None).await;
+    let moved = FakeIssuer::start(None).await;
+    fake.serve(Doc::Oidc(
+        json!({"issuer": fake.issuer(), "token_endpoint": fake.token_url()}),
+    ));
+    let up = Upstream::start().await;
+    let sc = Running::start(discovering(&fake.issuer(), &up.url(), |t| {
+        t.discovery_refresh_interval = Duration::from_secs(1);
+    }))
+    .await;
+    sc.wait_ready().await;
+    // Same host, another port: accepted without allow_cross_host_endpoint.
+    fake.serve(Doc::Oidc(
+        json!({"issuer": fake.issuer(), "token_endpoint": moved.token_url()}),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while readyz(&sc).await["token_endpoint"] != moved.token_url() {
+        assert!(tokio::time::Instant::now() < deadline, "no refresh in 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    up.revoke(&fake.token(1));
+    let resp = http_client().get(sc.url("/orders/1")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        up.received().last().unwrap().bearer().unwrap(),
+        moved.token(1)
+    );
+    assert_eq!(moved.token_requests(), 1);
+    assert_eq!(
+        fake.token_requests(),
+        1,
+        "only the first token came from the old endpoint"
+    );
+    sc.stop().await;
 }
