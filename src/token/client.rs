@@ -16,6 +16,7 @@ use crate::config::{AudienceParam, AuthMethod, TokenConfig};
 use crate::key::{KeyError, KeySource};
 use crate::secret::Secret;
 use crate::token::backoff::{self, RetryPolicy, RetryState};
+use crate::token::mtls::{ClientIdentity, IdentitySource, RotatingHttp};
 use crate::token::{AccessToken, ResponseError, TokenKey, parse_response, parse_retry_after};
 use crate::util::{self, MAX_FILE_BYTES, redact_url, reqwest_error, unix_now};
 
@@ -133,6 +134,9 @@ enum ClientAuth {
     },
     SecretBasic(SecretSource),
     SecretPost(SecretSource),
+    /// RFC 8705: the TLS client certificate authenticates; the form carries only `client_id`.
+    /// The certificate is presented by `TokenClient::mtls`.
+    Tls,
 }
 
 /// A client secret from the config or from a file re-read per fetch (so rotation needs no restart).
@@ -161,6 +165,9 @@ impl SecretSource {
 /// Talks to one token endpoint as one client.
 pub(crate) struct TokenClient {
     http: reqwest::Client,
+    /// With an RFC 8705 method: the client presenting the current certificate (used instead of
+    /// `http`).
+    mtls: Option<RotatingHttp>,
     token_url: String,
     client_id: String,
     auth: ClientAuth,
@@ -187,6 +194,10 @@ pub enum ClientBuildError {
     Key(#[from] KeyError),
     #[error("token.ca_file: {0}")]
     Ca(String),
+    /// `key` is `token.client_key_file` when the key is the problem (unusable, or not the
+    /// certificate's), else `token.client_cert_file`.
+    #[error("{key}: {message}")]
+    ClientCert { key: &'static str, message: String },
     #[error("token client: {0}")]
     Http(String),
 }
@@ -194,22 +205,43 @@ pub enum ClientBuildError {
 impl TokenClient {
     /// Builds the client from validated config; loads (and checks) the signing key once.
     pub(crate) fn new(cfg: &TokenConfig) -> Result<TokenClient, ClientBuildError> {
-        crate::tls::provider();
-        let mut builder = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60));
-        if let Some(ca) = &cfg.ca_file {
-            let pem = util::read_bounded(ca, MAX_FILE_BYTES)
-                .map_err(|e| ClientBuildError::Ca(format!("cannot read {}: {e}", ca.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| ClientBuildError::Ca(format!("{}: {e}", ca.display())))?;
-            builder = builder.tls_certs_merge(certs);
-        }
-        let http = builder
+        let http = http_builder(cfg)?
             .build()
             .map_err(|e| ClientBuildError::Http(e.to_string()))?;
+        let mtls = match (cfg.auth_method, &cfg.client_cert_file, &cfg.client_key_file) {
+            (
+                AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth,
+                Some(cert),
+                Some(key),
+            ) => {
+                let source =
+                    IdentitySource::load(cert, key).map_err(|e| ClientBuildError::ClientCert {
+                        key: if e.is_key_problem() {
+                            "token.client_key_file"
+                        } else {
+                            "token.client_cert_file"
+                        },
+                        message: e.to_string(),
+                    })?;
+                let cfg = cfg.clone();
+                let build = move |id: &ClientIdentity| -> Result<reqwest::Client, String> {
+                    http_builder(&cfg)
+                        .map_err(|e| e.to_string())?
+                        .identity(id.reqwest_identity()?)
+                        .build()
+                        .map_err(|e| e.to_string())
+                };
+                Some(
+                    RotatingHttp::new(source, Box::new(build)).map_err(|message| {
+                        ClientBuildError::ClientCert {
+                            key: "token.client_cert_file",
+                            message,
+                        }
+                    })?,
+                )
+            }
+            _ => None,
+        };
 
         let secret_source = || match (&cfg.client_secret, &cfg.client_secret_file) {
             (Some(s), _) => SecretSource::Inline(s.clone()),
@@ -240,10 +272,12 @@ impl TokenClient {
             }
             AuthMethod::ClientSecretBasic => ClientAuth::SecretBasic(secret_source()),
             AuthMethod::ClientSecretPost => ClientAuth::SecretPost(secret_source()),
+            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => ClientAuth::Tls,
         };
 
         Ok(TokenClient {
             http,
+            mtls,
             token_url: cfg.token_url.clone(),
             client_id: cfg.client_id.clone(),
             auth,
@@ -354,7 +388,10 @@ impl TokenClient {
     ) -> Result<(reqwest::RequestBuilder, Secret<String>), FetchError> {
         let mut form = url::form_urlencoded::Serializer::new(String::new());
         form.append_pair("grant_type", "client_credentials");
-        let mut request = self.http.post(&self.token_url);
+        let mut request = match &self.mtls {
+            Some(m) => m.client().post(&self.token_url),
+            None => self.http.post(&self.token_url),
+        };
         match &self.auth {
             ClientAuth::PrivateKeyJwt {
                 key: source,
@@ -388,6 +425,10 @@ impl TokenClient {
                 form.append_pair("client_id", &self.client_id);
                 form.append_pair("client_secret", secret.expose());
             }
+            // RFC 8705 §2: the certificate authenticates; client_id says whose it is.
+            ClientAuth::Tls => {
+                form.append_pair("client_id", &self.client_id);
+            }
         }
         if let Some(scope) = key.scope_param() {
             form.append_pair("scope", &scope);
@@ -409,6 +450,25 @@ impl TokenClient {
         }
         Ok((request, Secret::new(form.finish())))
     }
+}
+
+/// The token endpoint's HTTP client settings (built again, with the new certificate, when an
+/// mTLS client certificate rotates).
+fn http_builder(cfg: &TokenConfig) -> Result<reqwest::ClientBuilder, ClientBuildError> {
+    crate::tls::provider();
+    let mut builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")))
+        .pool_idle_timeout(Duration::from_secs(60));
+    if let Some(ca) = &cfg.ca_file {
+        let pem = util::read_bounded(ca, MAX_FILE_BYTES)
+            .map_err(|e| ClientBuildError::Ca(format!("cannot read {}: {e}", ca.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| ClientBuildError::Ca(format!("{}: {e}", ca.display())))?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    Ok(builder)
 }
 
 /// The schedule's bounds from `[token]`.
