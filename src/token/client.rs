@@ -526,4 +526,35 @@ mod tests {
         };
         assert!(msg.contains("not UTF-8"), "{msg}");
     }
+
+    #[test]
+    fn tls_client_auth_sends_client_id_and_no_assertion_or_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let cfg = crate::config::from_toml_str(&format!(
+            "[token]\ntoken_url = \"https://idp.example.com/t\"\nclient_id = \"c i\"\n\
+             auth_method = \"tls_client_auth\"\nclient_cert_file = {:?}\nclient_key_file = {:?}\n\
+             [[route]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"https://r.example.com\"\n",
+            c.display().to_string(),
+            k.display().to_string()
+        ))
+        .unwrap();
+        let client = TokenClient::new(&cfg.token).unwrap();
+        let (request, body) = client
+            .build_request(&TokenKey::new(&["a".to_string()], &[] as &[String]))
+            .unwrap();
+        assert_eq!(
+            body.expose(),
+            "grant_type=client_credentials&client_id=c+i&scope=a"
+        );
+        let request = request.build().unwrap();
+        assert!(request.headers().get("authorization").is_none());
+    }
 }

@@ -375,4 +375,109 @@ mod tests {
         assert_eq!((g3, id3.thumbprint()), (1, second.as_str()));
         assert!(format!("{:?}", id3).contains(&second));
     }
+
+    /// A config with `token` lines (besides token_url and client_id) and one route with `route`.
+    fn config(
+        token: &str,
+        route: &str,
+    ) -> Result<crate::config::Config, crate::config::ConfigError> {
+        crate::config::from_toml_str(&format!(
+            "[token]\nclient_id = \"c\"\n{token}\n[[route]]\nname = \"r\"\npath_prefix = \"/\"\n{route}\n"
+        ))
+    }
+
+    fn keys(r: Result<crate::config::Config, crate::config::ConfigError>) -> Vec<String> {
+        match r {
+            Ok(_) => vec![],
+            Err(e) => e.problems.into_iter().map(|p| p.key).collect(),
+        }
+    }
+
+    #[test]
+    fn client_certificate_problems_name_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, _) = pair(dir.path(), "a", "a");
+        let (_, other_key, _) = pair(dir.path(), "b", "b");
+        let https = "token_url = \"https://idp.example.com/t\"";
+        let up = "upstream = \"https://r.example.com\"";
+        let files = |c: &Path, k: &Path| {
+            format!(
+                "client_cert_file = {:?}\nclient_key_file = {:?}",
+                c.display().to_string(),
+                k.display().to_string()
+            )
+        };
+        let tls = "auth_method = \"tls_client_auth\"";
+
+        // A good pair: valid, for both methods and on a route.
+        for method in ["tls_client_auth", "self_signed_tls_client_auth"] {
+            let t = format!(
+                "{https}\nauth_method = \"{method}\"\n{}",
+                files(&cert, &key)
+            );
+            assert_eq!(
+                keys(config(&t, &format!("{up}\nuse_token_client_cert = true"))),
+                Vec::<String>::new()
+            );
+        }
+        assert_eq!(
+            keys(config(&format!("{https}\n{tls}"), up)),
+            ["token.client_cert_file"]
+        );
+        // The key does not belong to the certificate: the key file is named.
+        assert_eq!(
+            keys(config(
+                &format!("{https}\n{tls}\n{}", files(&cert, &other_key)),
+                up
+            )),
+            ["token.client_key_file"]
+        );
+        assert_eq!(
+            keys(config(
+                &format!(
+                    "{https}\n{tls}\nclient_cert_file = {:?}",
+                    cert.display().to_string()
+                ),
+                up
+            )),
+            ["token.client_key_file"]
+        );
+        // A certificate cannot be presented over plain http.
+        assert_eq!(
+            keys(config(
+                &format!(
+                    "token_url = \"http://idp/t\"\nallow_insecure_token_url = true\n{tls}\n{}",
+                    files(&cert, &key)
+                ),
+                up
+            )),
+            ["token.token_url"]
+        );
+        let secret =
+            format!("{https}\nauth_method = \"client_secret_post\"\nclient_secret = \"s\"");
+        assert_eq!(
+            keys(config(
+                &secret,
+                &format!("{up}\nuse_token_client_cert = true")
+            )),
+            ["route[0].use_token_client_cert"]
+        );
+        assert_eq!(
+            keys(config(
+                &secret,
+                &format!(
+                    "upstream = \"http://r\"\nallow_insecure_upstream = true\n{}",
+                    files(&cert, &key)
+                )
+            )),
+            ["route[0].upstream"]
+        );
+        assert_eq!(
+            keys(config(
+                &secret,
+                &format!("{up}\n{}", files(&cert, &other_key))
+            )),
+            ["route[0].client_key_file"]
+        );
+    }
 }

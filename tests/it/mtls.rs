@@ -538,3 +538,56 @@ fn replace(from: &Path, to: &Path) {
     std::fs::copy(from, &tmp).unwrap();
     std::fs::rename(&tmp, to).unwrap();
 }
+
+/// A certificate and a key that do not belong together are a configuration error at start:
+/// `run` and `check-config` exit 2 with one line naming `token.client_key_file` (the key's
+/// content never shown).
+#[test]
+fn a_mismatched_certificate_and_key_exit_2_naming_the_key() {
+    let pki = Pki::new();
+    let (cert, wrong_key) = (pki.client("client").cert, pki.client("intruder").key);
+    let config = pki.dir.path().join("sidecar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[token]\n\
+             token_url = \"https://127.0.0.1:1/token\"\nclient_id = \"svc\"\n\
+             auth_method = \"tls_client_auth\"\nclient_cert_file = {:?}\nclient_key_file = {:?}\n\
+             [[route]]\nname = \"orders\"\npath_prefix = \"/orders/\"\nupstream = \"https://127.0.0.1:1\"\n",
+            cert.display().to_string(),
+            wrong_key.display().to_string()
+        ),
+    )
+    .unwrap();
+    let key_body = std::fs::read_to_string(&wrong_key).unwrap();
+    let key_line = key_body.lines().nth(1).unwrap();
+    for command in ["run", "check-config"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_token-sidecar"))
+            .args([command, "--config", config.to_str().unwrap()])
+            .env_remove("SIDECAR_TOKEN__PRIVATE_KEY_FILE")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Bounded: a sidecar that started anyway is killed (by its handle) after 20 s.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("{command} kept running");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        assert_eq!(err.lines().count(), 1, "{command}: {err}");
+        assert!(
+            err.starts_with("invalid config: token.client_key_file: "),
+            "{command}: {err}"
+        );
+        assert!(err.contains("does not match"), "{command}: {err}");
+        assert!(!err.contains(key_line), "{command}: {err}");
+    }
+}
