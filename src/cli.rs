@@ -163,6 +163,9 @@ fn start_failure(e: &StartError, routes: &[String]) -> ExitCode {
             Some(problem("token.private_key_file", k.to_string()))
         }
         StartError::Client(ClientBuildError::Ca(m)) => Some(problem("token.ca_file", m.clone())),
+        StartError::Client(ClientBuildError::ClientCert { key, message }) => {
+            Some(problem(key, message.clone()))
+        }
         StartError::Route(r) => Some(match routes.iter().position(|n| *n == r.route) {
             Some(i) => problem(&format!("route[{i}]"), r.message.clone()),
             None => problem("route", r.to_string()),
@@ -235,7 +238,14 @@ fn check_config(path: &Path) -> ExitCode {
         None
     };
     for r in &config.route {
-        if let Err(e) = crate::proxy::upstream::Upstream::new(r) {
+        let identity = match crate::token::mtls::load_route_identity(r, &config.token) {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("invalid config: route {}: client certificate: {e}", r.name);
+                return ExitCode::from(2);
+            }
+        };
+        if let Err(e) = crate::proxy::upstream::Upstream::new(r, identity) {
             eprintln!("invalid config: route {}: {e}", r.name);
             return ExitCode::from(2);
         }

@@ -13,7 +13,8 @@
 //! - `token/` — the cache key and RFC 6749 response types, the RFC 7523 assertion, the token
 //!   client (request building separate from sending), the token endpoint discovered from the
 //!   issuer's metadata (refreshed on a schedule), the refresh-ahead cache with
-//!   its supervised refreshers, the per-key retry schedule, the eviction gate.
+//!   its supervised refreshers, the per-key retry schedule, the eviction gate, the RFC 8705
+//!   client certificates (loaded, checked, re-read on rotation; also presented to upstreams).
 //! - `proxy/` — the request path as named phase functions, routes, header rules, the request
 //!   body's progress deadline, the upstream pool, and the one place errors become responses.
 //! - `server/` — listeners, the one accept loop, admission by peer (evicting idle connections

@@ -119,6 +119,10 @@ pub enum AuthMethod {
     ClientSecretBasic,
     /// RFC 6749 §2.3.1: the client secret in the form body.
     ClientSecretPost,
+    /// RFC 8705 §2.1: a client certificate from a CA the server trusts (`client_cert_file`).
+    TlsClientAuth,
+    /// RFC 8705 §2.2: a self-signed client certificate registered with the server as a JWK.
+    SelfSignedTlsClientAuth,
 }
 
 /// How the route's audiences are requested.
@@ -221,6 +225,13 @@ pub struct TokenConfig {
     /// Additional form parameters sent with every token request.
     #[serde(default)]
     pub extra_params: BTreeMap<String, String>,
+    /// The client certificate chain (PEM, leaf first) presented to the token endpoint with
+    /// `tls_client_auth` / `self_signed_tls_client_auth` (RFC 8705); re-read when it changes.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `client_cert_file`; re-read when it changes.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
     // Discovery and trust pinning (issue 12 items 4 and 5; docs/spec.md §2).
     /// The issuer whose metadata names the token endpoint (OIDC Discovery, RFC 8414), instead
     /// of `token_url`.
@@ -298,6 +309,17 @@ pub struct RouteConfig {
     /// `WWW-Authenticate: Bearer error="invalid_token"` challenge.
     #[serde(default)]
     pub retry_on_401: bool,
+    /// A client certificate chain (PEM) presented to this upstream (mutual TLS); re-read when
+    /// it changes.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of the route's `client_cert_file`.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// Present the token client's certificate (`token.client_cert_file`) to this upstream: a
+    /// resource server checks that a certificate-bound token (RFC 8705 §3) comes with it.
+    #[serde(default)]
+    pub use_token_client_cert: bool,
     /// Trust only `ca_file` for this upstream, not the public roots (a pinned private CA).
     #[serde(default)]
     pub ca_only: bool,

@@ -33,6 +33,7 @@ impl Config {
         self.validate_allowed_hosts(&mut p);
         self.validate_token(&mut p);
         self.validate_routes(&mut p);
+        self.validate_client_certs(&mut p);
         p.0.extend(super::bounds::problems(self));
         if p.0.is_empty() {
             Ok(())
@@ -131,6 +132,8 @@ impl Config {
                     (Some(_), None) => {}
                 }
             }
+            // Checked with the other certificate keys in validate_client_certs.
+            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => {}
         }
         if let Some(f) = &t.private_key_file {
             if t.auth_method == AuthMethod::PrivateKeyJwt {
@@ -335,6 +338,85 @@ impl Config {
             }
             if let Some(f) = &r.ca_file {
                 check_ca_file(p, &k("ca_file"), f);
+            }
+        }
+    }
+}
+
+impl Config {
+    /// RFC 8705 client certificates (token side and per route): set in pairs, loadable, the
+    /// key matching the certificate, and only over TLS. A bad pair is named by the key at fault.
+    fn validate_client_certs(&self, p: &mut Problems) {
+        let t = &self.token;
+        let mtls_method = matches!(
+            t.auth_method,
+            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth
+        );
+        if mtls_method {
+            if t.client_cert_file.is_none() {
+                p.add(
+                    "token.client_cert_file",
+                    "required when auth_method is tls_client_auth or self_signed_tls_client_auth",
+                );
+            }
+            let (key, url) = match t.endpoint() {
+                super::EndpointSource::Fixed(u) => ("token.token_url", u),
+                super::EndpointSource::Issuer(i) => ("token.issuer", i),
+            };
+            if url.starts_with("http:") {
+                p.add(
+                    key,
+                    "a client certificate needs TLS: use https:// with an mTLS auth_method",
+                );
+            }
+        }
+        check_pair(
+            p,
+            ("token.client_cert_file", t.client_cert_file.as_deref()),
+            ("token.client_key_file", t.client_key_file.as_deref()),
+        );
+        for (i, r) in self.route.iter().enumerate() {
+            let k = |field: &str| format!("route[{i}].{field}");
+            if r.use_token_client_cert {
+                if t.client_cert_file.is_none() {
+                    p.add(
+                        k("use_token_client_cert"),
+                        "needs token.client_cert_file and token.client_key_file",
+                    );
+                }
+                if r.client_cert_file.is_some() || r.client_key_file.is_some() {
+                    p.add(
+                        k("use_token_client_cert"),
+                        "set either use_token_client_cert or client_cert_file/client_key_file, not both",
+                    );
+                }
+            }
+            let presents = r.use_token_client_cert || r.client_cert_file.is_some();
+            if presents && r.upstream.starts_with("http:") {
+                p.add(
+                    k("upstream"),
+                    "a client certificate needs TLS: use https:// or drop the route's client certificate",
+                );
+            }
+            check_pair(
+                p,
+                (&k("client_cert_file"), r.client_cert_file.as_deref()),
+                (&k("client_key_file"), r.client_key_file.as_deref()),
+            );
+        }
+    }
+}
+
+/// A certificate/key file pair: both or neither, and when both, loadable and matching.
+fn check_pair(p: &mut Problems, cert: (&str, Option<&Path>), key: (&str, Option<&Path>)) {
+    match (cert.1, key.1) {
+        (None, None) => {}
+        (Some(_), None) => p.add(key.0, format!("required with {}", cert.0)),
+        (None, Some(_)) => p.add(cert.0, format!("required with {}", key.0)),
+        (Some(c), Some(k)) => {
+            if let Err(e) = crate::token::mtls::ClientIdentity::load(c, k) {
+                let at = if e.is_key_problem() { key.0 } else { cert.0 };
+                p.add(at, e.to_string());
             }
         }
     }

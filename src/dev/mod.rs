@@ -251,6 +251,8 @@ fn usable_key(
             "token.auth_method {} replaced by private_key_jwt (the development server takes no other)",
             match method {
                 AuthMethod::ClientSecretBasic => "client_secret_basic",
+                AuthMethod::TlsClientAuth => "tls_client_auth",
+                AuthMethod::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
                 _ => "client_secret_post",
             }
         ),

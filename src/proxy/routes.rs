@@ -49,9 +49,11 @@ pub struct RouteError {
 }
 
 impl Route {
-    /// The route for `cfg`, taking its token from `slot` and recording into `metrics`.
+    /// The route for `cfg`, taking its token from `slot` and recording into `metrics`;
+    /// `token` supplies the client certificate of a route with `use_token_client_cert`.
     pub(crate) fn from_config(
         cfg: &RouteConfig,
+        token: &crate::config::TokenConfig,
         slot: Arc<Slot>,
         metrics: RouteMetrics,
     ) -> Result<Route, RouteError> {
@@ -73,7 +75,9 @@ impl Route {
             .ok_or_else(|| err("upstream has no host".into()))?;
         let upstream_host = HeaderValue::from_str(authority.as_str())
             .map_err(|e| err(format!("upstream host: {e}")))?;
-        let upstream = Upstream::new(cfg).map_err(|e| err(e.to_string()))?;
+        let identity = crate::token::mtls::load_route_identity(cfg, token)
+            .map_err(|e| err(format!("client certificate: {e}")))?;
+        let upstream = Upstream::new(cfg, identity).map_err(|e| err(e.to_string()))?;
         Ok(Route {
             name: Arc::from(cfg.name.as_str()),
             host: cfg.host.as_deref().map(normalize_host),
@@ -491,7 +495,8 @@ pub(crate) fn table(routes: &str) -> RouteTable {
         .iter()
         .map(|r| {
             let slot = cache.slot(TokenKey::new(&r.scope, &r.audience));
-            Route::from_config(r, slot, RouteMetrics::unregistered()).expect("route builds")
+            Route::from_config(r, &cfg.token, slot, RouteMetrics::unregistered())
+                .expect("route builds")
         })
         .collect();
     RouteTable::new(routes, &cfg.proxy.allowed_hosts)

@@ -1,7 +1,9 @@
 //! The pooled client that carries requests to one route's upstream: HTTP/1.1, or HTTP/2 when
 //! the upstream offers it by ALPN; TLS verified against the system and webpki roots plus the
-//! route's `ca_file`.
+//! route's `ca_file`; presenting the route's client certificate (mutual TLS, RFC 8705) when it
+//! has one, resolved per handshake so a rotated certificate reaches new connections.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -12,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::RouteConfig;
 use crate::tls::{self, TlsError};
+use crate::token::mtls::{IdentitySource, Resolver};
 
 /// A request body to the upstream: streamed from the downstream (under its progress deadline),
 /// or buffered (small bodies, kept for a replay after a 401).
@@ -38,12 +41,20 @@ pub(crate) struct Upstream {
 }
 
 impl Upstream {
-    pub(crate) fn new(cfg: &RouteConfig) -> Result<Upstream, TlsError> {
+    /// `identity`: the certificate to present (the route's own, or the token client's with
+    /// `use_token_client_cert`), loaded and checked by the caller.
+    pub(crate) fn new(
+        cfg: &RouteConfig,
+        identity: Option<Arc<IdentitySource>>,
+    ) -> Result<Upstream, TlsError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
-        let tls = tls::client_config(cfg.ca_file.as_deref(), cfg.ca_only)?;
+        let mut tls = tls::client_config(cfg.ca_file.as_deref(), cfg.ca_only)?;
+        if let Some(identity) = identity {
+            tls.client_auth_cert_resolver = Arc::new(Resolver(identity));
+        }
         let https = HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()

@@ -95,7 +95,7 @@ impl Sidecar {
             .map(|r| {
                 let slot = slots.slot(TokenKey::new(&r.scope, &r.audience));
                 let m = metrics.route(&r.name, Some(&slot));
-                Route::from_config(r, slot, m)
+                Route::from_config(r, &config.token, slot, m)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let cache = Arc::new(slots.start(client));

@@ -18,6 +18,7 @@ use crate::key::{KeyError, KeySource};
 use crate::secret::Secret;
 use crate::token::backoff::{self, RetryPolicy, RetryState};
 use crate::token::discovery::{Discovery, DiscoveryError, Rules};
+use crate::token::mtls::{ClientIdentity, IdentitySource, RotatingHttp};
 use crate::token::{AccessToken, ResponseError, TokenKey, parse_response, parse_retry_after};
 use crate::util::{self, MAX_FILE_BYTES, redact_url, reqwest_error, unix_now};
 
@@ -136,6 +137,9 @@ enum ClientAuth {
     },
     SecretBasic(SecretSource),
     SecretPost(SecretSource),
+    /// RFC 8705: the TLS client certificate authenticates; the form carries only `client_id`.
+    /// The certificate is presented by `TokenClient::mtls`.
+    Tls,
 }
 
 /// A client secret from the config or from a file re-read per fetch (so rotation needs no restart).
@@ -188,6 +192,9 @@ impl Endpoint {
 pub(crate) struct TokenClient {
     http: reqwest::Client,
     endpoint: Endpoint,
+    /// With an RFC 8705 method: the client presenting the current certificate (used instead of
+    /// `http`).
+    mtls: Option<RotatingHttp>,
     client_id: String,
     auth: ClientAuth,
     audience_param: AudienceParam,
@@ -216,6 +223,10 @@ pub enum ClientBuildError {
     Key(#[from] KeyError),
     #[error("token.ca_file: {0}")]
     Ca(String),
+    /// `key` is `token.client_key_file` when the key is the problem (unusable, or not the
+    /// certificate's), else `token.client_cert_file`.
+    #[error("{key}: {message}")]
+    ClientCert { key: &'static str, message: String },
     #[error("token client: {0}")]
     Http(String),
     #[error("token.issuer: {0}")]
@@ -225,28 +236,43 @@ pub enum ClientBuildError {
 impl TokenClient {
     /// Builds the client from validated config; loads (and checks) the signing key once.
     pub(crate) fn new(cfg: &TokenConfig) -> Result<TokenClient, ClientBuildError> {
-        crate::tls::provider();
-        let mut builder = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60));
-        if let Some(ca) = &cfg.ca_file {
-            let pem = util::read_bounded(ca, MAX_FILE_BYTES)
-                .map_err(|e| ClientBuildError::Ca(format!("cannot read {}: {e}", ca.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| ClientBuildError::Ca(format!("{}: {e}", ca.display())))?;
-            // ca_only (docs/spec.md §4): a pinned private CA. With tls_certs_only reqwest
-            // verifies against these roots alone instead of the platform verifier.
-            builder = if cfg.ca_only {
-                builder.tls_certs_only(certs)
-            } else {
-                builder.tls_certs_merge(certs)
-            };
-        }
-        let http = builder
+        let http = http_builder(cfg)?
             .build()
             .map_err(|e| ClientBuildError::Http(e.to_string()))?;
+        let mtls = match (cfg.auth_method, &cfg.client_cert_file, &cfg.client_key_file) {
+            (
+                AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth,
+                Some(cert),
+                Some(key),
+            ) => {
+                let source =
+                    IdentitySource::load(cert, key).map_err(|e| ClientBuildError::ClientCert {
+                        key: if e.is_key_problem() {
+                            "token.client_key_file"
+                        } else {
+                            "token.client_cert_file"
+                        },
+                        message: e.to_string(),
+                    })?;
+                let cfg = cfg.clone();
+                let build = move |id: &ClientIdentity| -> Result<reqwest::Client, String> {
+                    http_builder(&cfg)
+                        .map_err(|e| e.to_string())?
+                        .identity(id.reqwest_identity()?)
+                        .build()
+                        .map_err(|e| e.to_string())
+                };
+                Some(
+                    RotatingHttp::new(source, Box::new(build)).map_err(|message| {
+                        ClientBuildError::ClientCert {
+                            key: "token.client_cert_file",
+                            message,
+                        }
+                    })?,
+                )
+            }
+            _ => None,
+        };
 
         let secret_source = || match (&cfg.client_secret, &cfg.client_secret_file) {
             (Some(s), _) => SecretSource::Inline(s.clone()),
@@ -274,6 +300,7 @@ impl TokenClient {
             }
             AuthMethod::ClientSecretBasic => ClientAuth::SecretBasic(secret_source()),
             AuthMethod::ClientSecretPost => ClientAuth::SecretPost(secret_source()),
+            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => ClientAuth::Tls,
         };
 
         let endpoint = match cfg.endpoint() {
@@ -292,6 +319,7 @@ impl TokenClient {
         Ok(TokenClient {
             http,
             endpoint,
+            mtls,
             client_id: cfg.client_id.clone(),
             auth,
             audience_param: cfg.audience_param,
@@ -419,7 +447,10 @@ impl TokenClient {
         let token_url = self.endpoint.current().ok_or_else(|| {
             FetchError::Transport("the token endpoint has not been discovered yet".into())
         })?;
-        let mut request = self.http.post(token_url.as_str());
+        let mut request = match &self.mtls {
+            Some(m) => m.client().post(token_url.as_str()),
+            None => self.http.post(token_url.as_str()),
+        };
         match &self.auth {
             ClientAuth::PrivateKeyJwt {
                 key: source,
@@ -453,6 +484,10 @@ impl TokenClient {
                 form.append_pair("client_id", &self.client_id);
                 form.append_pair("client_secret", secret.expose());
             }
+            // RFC 8705 §2: the certificate authenticates; client_id says whose it is.
+            ClientAuth::Tls => {
+                form.append_pair("client_id", &self.client_id);
+            }
         }
         if let Some(scope) = key.scope_param() {
             form.append_pair("scope", &scope);
@@ -474,6 +509,31 @@ impl TokenClient {
         }
         Ok((request, Secret::new(form.finish())))
     }
+}
+
+/// The token endpoint's HTTP client settings (built again, with the new certificate, when an
+/// mTLS client certificate rotates).
+fn http_builder(cfg: &TokenConfig) -> Result<reqwest::ClientBuilder, ClientBuildError> {
+    crate::tls::provider();
+    let mut builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")))
+        .pool_idle_timeout(Duration::from_secs(60));
+    if let Some(ca) = &cfg.ca_file {
+        let pem = util::read_bounded(ca, MAX_FILE_BYTES)
+            .map_err(|e| ClientBuildError::Ca(format!("cannot read {}: {e}", ca.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| ClientBuildError::Ca(format!("{}: {e}", ca.display())))?;
+        // ca_only (docs/spec.md §4): a pinned private CA. With tls_certs_only reqwest
+        // verifies against these roots alone instead of the platform verifier.
+        builder = if cfg.ca_only {
+            builder.tls_certs_only(certs)
+        } else {
+            builder.tls_certs_merge(certs)
+        };
+    }
+    Ok(builder)
 }
 
 /// The schedule's bounds from `[token]`.
@@ -530,5 +590,36 @@ mod tests {
             panic!("expected a credentials error")
         };
         assert!(msg.contains("not UTF-8"), "{msg}");
+    }
+
+    #[test]
+    fn tls_client_auth_sends_client_id_and_no_assertion_or_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let cfg = crate::config::from_toml_str(&format!(
+            "[token]\ntoken_url = \"https://idp.example.com/t\"\nclient_id = \"c i\"\n\
+             auth_method = \"tls_client_auth\"\nclient_cert_file = {:?}\nclient_key_file = {:?}\n\
+             [[route]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"https://r.example.com\"\n",
+            c.display().to_string(),
+            k.display().to_string()
+        ))
+        .unwrap();
+        let client = TokenClient::new(&cfg.token).unwrap();
+        let (request, body) = client
+            .build_request(&TokenKey::new(&["a".to_string()], &[] as &[String]))
+            .unwrap();
+        assert_eq!(
+            body.expose(),
+            "grant_type=client_credentials&client_id=c+i&scope=a"
+        );
+        let request = request.build().unwrap();
+        assert!(request.headers().get("authorization").is_none());
     }
 }

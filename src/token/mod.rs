@@ -10,6 +10,8 @@
 //!   per key.
 //! - [`backoff`] — the per-key retry schedule, a pure state machine.
 //! - [`gate`] — how often a token the upstream rejected may be refetched, pure.
+//! - [`mtls`] — RFC 8705 client certificates: loaded, checked, re-read on rotation; used by
+//!   the token client and by the proxy's upstream connectors.
 //!
 //! Invariant: every `Instant + Duration` here goes through [`later`], so no configured or
 //! server-sent duration can overflow a deadline and panic a refresher.
@@ -20,6 +22,7 @@ pub(crate) mod cache;
 pub(crate) mod client;
 pub(crate) mod discovery;
 pub(crate) mod gate;
+pub(crate) mod mtls;
 #[cfg(test)]
 mod props;
 pub(crate) mod response;

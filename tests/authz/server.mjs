@@ -13,6 +13,17 @@
 //     "default_ttl": 300
 //   }
 //
+// mTLS (RFC 8705), optional: with `"tls": { "cert": PEM, "key": PEM, "client_ca": PEM }` the
+// server speaks HTTPS (the issuer is https://127.0.0.1:PORT), asks every client for a
+// certificate (verified against `client_ca`, but not required at the TLS layer, so a missing
+// one is an OAuth error, not a handshake failure) and enables oidc-provider's mTLS feature:
+// `tls_client_auth`, `self_signed_tls_client_auth` and certificate-bound access tokens (`cnf`
+// with `x5t#S256` in JWT access tokens). A client entry may then carry
+//   "metadata": { "token_endpoint_auth_method": "tls_client_auth",
+//                 "tls_client_auth_subject_dn": "CN=...",
+//                 "tls_client_certificate_bound_access_tokens": true }
+// and, for `self_signed_tls_client_auth`, "self_signed_cert": PEM (registered as a JWK with x5c).
+//
 // Listens on 127.0.0.1 on an ephemeral port, prints exactly one line
 // `LISTENING http://127.0.0.1:PORT` to stdout when ready (the issuer is that URL), and exits when
 // its stdin closes (so it never outlives the test process that holds the pipe) or on SIGTERM.
@@ -35,6 +46,7 @@
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
+import * as https from 'node:https';
 
 // oidc-provider writes notices with console.info (stdout) and warnings with console.warn. Keep
 // stdout for the LISTENING line only; drop the warnings this test setup expects.
@@ -98,13 +110,55 @@ const { default: Provider, errors } = await import('oidc-provider');
 
 let tokenRequests = 0;
 
-const server = http.createServer();
+// --- mTLS (optional) ------------------------------------------------------------------------
+
+const tls = config.tls;
+const server = tls
+  ? https.createServer({
+    cert: tls.cert,
+    key: tls.key,
+    ca: tls.client_ca,
+    requestCert: true,
+    // Verified, not required: oidc-provider decides (certificateAuthorized below).
+    rejectUnauthorized: false,
+  })
+  : http.createServer();
 server.on('clientError', (_err, socket) => socket.destroy());
+server.on('tlsClientError', (_err, socket) => socket.destroy());
 await new Promise((resolve, reject) => {
   server.once('error', reject);
   server.listen(0, '127.0.0.1', resolve);
 });
-const issuer = `http://127.0.0.1:${server.address().port}`;
+const issuer = `${tls ? 'https' : 'http'}://127.0.0.1:${server.address().port}`;
+
+// The certificate the client presented on this connection, if any.
+function peerCertificate(ctx) {
+  const peer = ctx.socket?.getPeerCertificate?.();
+  return peer && peer.raw ? new crypto.X509Certificate(peer.raw) : undefined;
+}
+
+// A self-signed certificate registered the RFC 8705 §2.2 way: its public key as a JWK with x5c.
+function selfSignedJwks(pem) {
+  const cert = new crypto.X509Certificate(pem);
+  return { keys: [{ ...cert.publicKey.export({ format: 'jwk' }), x5c: [cert.raw.toString('base64')] }] };
+}
+
+const mtlsFeature = tls
+  ? {
+    enabled: true,
+    certificateBoundAccessTokens: true,
+    tlsClientAuth: true,
+    selfSignedTlsClientAuth: true,
+    getCertificate: peerCertificate,
+    certificateAuthorized: (ctx) => ctx.socket?.authorized === true,
+    // Node writes a subject as one RDN per line ("CN=a\nO=b"); registrations use RFC 4514 commas.
+    certificateSubjectMatches(ctx, property, expected) {
+      const cert = peerCertificate(ctx);
+      if (!cert || property !== 'tls_client_auth_subject_dn') return false;
+      return cert.subject.split('\n').join(',') === expected;
+    },
+  }
+  : { enabled: false };
 
 // The provider's signing key, made fresh for every run.
 const signingJwk = {
@@ -131,7 +185,7 @@ function checkScopes(ctx, client, resourceScope) {
 const provider = new Provider(issuer, {
   clients: clients.map((c) => ({
     client_id: c.client_id,
-    jwks: c.jwks,
+    jwks: c.self_signed_cert ? selfSignedJwks(c.self_signed_cert) : c.jwks,
     scope: c.scope ?? '',
     token_endpoint_auth_method: 'private_key_jwt',
     ...(c.token_endpoint_auth_signing_alg
@@ -140,8 +194,11 @@ const provider = new Provider(issuer, {
     grant_types: ['client_credentials'],
     response_types: [],
     redirect_uris: [],
+    ...(c.metadata ?? {}),
   })),
-  clientAuthMethods: ['private_key_jwt'],
+  clientAuthMethods: tls
+    ? ['private_key_jwt', 'tls_client_auth', 'self_signed_tls_client_auth']
+    : ['private_key_jwt'],
   enabledJWA: {
     clientAuthSigningAlgValues: [
       'RS256', 'RS384', 'RS512',
@@ -158,6 +215,7 @@ const provider = new Provider(issuer, {
   features: {
     devInteractions: { enabled: false },
     clientCredentials: { enabled: true },
+    mTLS: mtlsFeature,
     resourceIndicators: {
       enabled: true,
       // No resource requested: no default, an opaque token limited to the client's scopes.

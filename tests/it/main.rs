@@ -23,6 +23,7 @@ mod faults;
 mod hostile;
 mod hosts;
 mod limits;
+mod mtls;
 mod ops;
 mod paths;
 mod props_config;

@@ -171,6 +171,13 @@ impl OidcProvider {
     /// Starts `tests/authz/server.mjs` with node (`$NODE` or `node` on PATH) and waits (at most
     /// 20 s) for it to listen.
     pub async fn start(cfg: &AuthzConfig) -> OidcProvider {
+        Self::start_json(&cfg.to_json(), None).await
+    }
+
+    /// Starts the server with `config` as `tests/authz/server.mjs` reads it (for what
+    /// [`AuthzConfig`] does not express, e.g. its `"tls"` mTLS mode); `ca_pem` is the CA the
+    /// helper's own requests trust when the server speaks HTTPS.
+    pub async fn start_json(config_json: &Value, ca_pem: Option<&str>) -> OidcProvider {
         let dir = authz_dir();
         ensure_npm_packages(&dir);
 
@@ -179,7 +186,7 @@ impl OidcProvider {
             .suffix(".json")
             .tempfile()
             .expect("create authz config file");
-        serde_json::to_writer_pretty(&mut config, &cfg.to_json()).expect("write authz config");
+        serde_json::to_writer_pretty(&mut config, config_json).expect("write authz config");
         std::io::Write::flush(&mut config).expect("flush authz config");
 
         let node = std::env::var_os("NODE").unwrap_or_else(|| "node".into());
@@ -230,12 +237,16 @@ impl OidcProvider {
             }
         });
 
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(10))
-            .build()
-            .expect("reqwest client");
+            .timeout(Duration::from_secs(10));
+        if let Some(ca) = ca_pem {
+            http = http.tls_certs_merge(
+                reqwest::Certificate::from_pem_bundle(ca.as_bytes()).expect("CA PEM"),
+            );
+        }
+        let http = http.build().expect("reqwest client");
 
         OidcProvider {
             token_url: format!("{issuer}/oauth2/token"),
