@@ -50,7 +50,7 @@ pub use config::{
     RouteConfig, TokenConfig, from_toml_str,
 };
 #[cfg(feature = "dev")]
-pub use dev::authz::{DevClient, DevServer, DevServerConfig};
+pub use dev::authz::{DevClient, DevFederation, DevServer, DevServerConfig};
 #[cfg(feature = "dev")]
 pub use dev::{Dev, DevError, DevOptions, ECHO_AUDIENCE, ECHO_SCOPE};
 pub use key::{Algorithm, SigningKey};

@@ -35,6 +35,10 @@ pub(crate) enum FetchError {
     TooLarge { limit: usize },
     #[error("cannot authenticate the client: {0}")]
     Credentials(String),
+    /// The platform's assertion file is missing, unreadable or expired: 503, not 502, because
+    /// the platform rotates it without any change here (docs/spec.md §2).
+    #[error("cannot authenticate the client: {0}")]
+    AssertionFile(#[from] crate::token::assertion_file::AssertionFileError),
 }
 
 /// A failed attempt, with the pause the server asked for (`Retry-After` on 429 and 503).
@@ -100,7 +104,7 @@ impl FetchError {
         match self {
             FetchError::Response(r) => r.is_retryable(),
             FetchError::Transport(_) | FetchError::Timeout(_) | FetchError::TooLarge { .. } => true,
-            FetchError::Credentials(_) => false,
+            FetchError::Credentials(_) | FetchError::AssertionFile(_) => false,
         }
     }
 
@@ -133,6 +137,10 @@ enum ClientAuth {
     },
     SecretBasic(SecretSource),
     SecretPost(SecretSource),
+    AssertionFile {
+        file: crate::token::assertion_file::AssertionFile,
+        assertion_type: String,
+    },
 }
 
 /// A client secret from the config or from a file re-read per fetch (so rotation needs no restart).
@@ -240,6 +248,13 @@ impl TokenClient {
             }
             AuthMethod::ClientSecretBasic => ClientAuth::SecretBasic(secret_source()),
             AuthMethod::ClientSecretPost => ClientAuth::SecretPost(secret_source()),
+            AuthMethod::ClientAssertionFile => ClientAuth::AssertionFile {
+                file: crate::token::assertion_file::AssertionFile::new(
+                    cfg.client_assertion_file.clone().unwrap_or_default(),
+                    cfg.clock_skew_tolerance,
+                ),
+                assertion_type: cfg.client_assertion_type.clone(),
+            },
         };
 
         Ok(TokenClient {
@@ -387,6 +402,15 @@ impl TokenClient {
                 let secret = src.read()?;
                 form.append_pair("client_id", &self.client_id);
                 form.append_pair("client_secret", secret.expose());
+            }
+            ClientAuth::AssertionFile {
+                file,
+                assertion_type,
+            } => {
+                let assertion = file.current(unix_now())?;
+                form.append_pair("client_id", &self.client_id);
+                form.append_pair("client_assertion_type", assertion_type);
+                form.append_pair("client_assertion", assertion.expose());
             }
         }
         if let Some(scope) = key.scope_param() {
