@@ -990,6 +990,103 @@ mod tests {
         );
     }
 
+    /// A projected-token-shaped assertion from the federated issuer `cluster`.
+    fn federated(cluster: &SigningKey, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut c = json!({
+            "iss": "https://cluster.test", "sub": "system:serviceaccount:ns:svc",
+            "aud": ["sts.test"], "iat": NOW - 10, "exp": NOW + 600,
+            "kubernetes.io": {"namespace": "ns"},
+        });
+        edit(&mut c);
+        cluster.sign_typed("JWT", &c).unwrap().expose().clone()
+    }
+
+    fn federated_form(assertion: &str, client_id: Option<&str>) -> Vec<u8> {
+        let mut f = url::form_urlencoded::Serializer::new(String::new());
+        f.append_pair("grant_type", "client_credentials");
+        if let Some(id) = client_id {
+            f.append_pair("client_id", id);
+        }
+        f.append_pair("client_assertion_type", ASSERTION_TYPE);
+        f.append_pair("client_assertion", assertion);
+        f.finish().into_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_federated_issuer_is_trusted_exactly_as_configured() {
+        let own = client_key("k1");
+        let cluster = client_key("cluster");
+        let mut s = state(&own);
+        s.federations.push((
+            DevFederation {
+                issuer: "https://cluster.test".into(),
+                subject: "system:serviceaccount:ns:svc".into(),
+                client_id: "svc".into(),
+                jwks: String::new(),
+                audience: Some("sts.test".into()),
+            },
+            json!({ "keys": [cluster.public_jwk()] }),
+        ));
+        // The platform token authenticates the mapped client, with or without client_id, and
+        // may be presented again (it is reused until rotated); aud may be the token endpoint.
+        let good = federated(&cluster, |_| {});
+        for body in [
+            federated_form(&good, Some("svc")),
+            federated_form(&good, None),
+        ] {
+            let (status, body) = call(&s, &body).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        let to_endpoint = federated(&cluster, |c| c["aud"] = json!(TOKEN_URL));
+        assert_eq!(call(&s, &federated_form(&to_endpoint, None)).await.0, 200);
+
+        let impostor = client_key("cluster");
+        let cases: Vec<(&str, String)> = vec![
+            (
+                "wrong sub",
+                federated(&cluster, |c| {
+                    c["sub"] = json!("system:serviceaccount:ns:other")
+                }),
+            ),
+            (
+                "wrong aud",
+                federated(&cluster, |c| c["aud"] = json!(["other"])),
+            ),
+            ("expired", federated(&cluster, |c| c["exp"] = json!(NOW))),
+            (
+                "iat ahead",
+                federated(&cluster, |c| c["iat"] = json!(NOW + 5)),
+            ),
+            (
+                "no exp",
+                federated(&cluster, |c| {
+                    c.as_object_mut().unwrap().remove("exp");
+                }),
+            ),
+            ("another signer", federated(&impostor, |_| {})),
+            // An issuer that is not trusted falls to the client's own keys, which refuse it.
+            (
+                "wrong iss",
+                federated(&cluster, |c| c["iss"] = json!("https://other.test")),
+            ),
+        ];
+        for (what, a) in &cases {
+            let (status, body) = call(&s, &federated_form(a, Some("svc"))).await;
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (401, Some("invalid_client")),
+                "{what}: {body}"
+            );
+        }
+        // A client_id other than the mapped one.
+        let (status, body) = call(&s, &federated_form(&good, Some("nobody"))).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_client")),
+            "{body}"
+        );
+    }
+
     #[tokio::test]
     async fn binds_loopback_only() {
         let err = DevServer::start(DevServerConfig {
