@@ -10,7 +10,8 @@
 //!   defaults, loading, validation that names every bad key.
 //! - `key/` — the signing key: the one algorithm catalogue, decoding PEM and JWK files through
 //!   maintained crates, re-reading the file when it changes.
-//! - `token/` — the cache key and RFC 6749 response types, the RFC 7523 assertion, the token
+//! - `token/` — the cache key and RFC 6749 response types, the RFC 7523 assertion (signed, or
+//!   the platform's JWT from a rotating file), the token
 //!   client (request building separate from sending), the refresh-ahead cache with
 //!   its supervised refreshers, the per-key retry schedule, the eviction gate.
 //! - `proxy/` — the request path as named phase functions, routes, header rules, the request

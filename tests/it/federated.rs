@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jsonwebtoken::{EncodingKey, Header};
-use token_sidecar::{AuthMethod, DevClient, DevFederation, DevServer, DevServerConfig, jwt_claims};
+use token_sidecar::{
+    AuthMethod, Dev, DevClient, DevFederation, DevOptions, DevServer, DevServerConfig, jwt_claims,
+};
 use tokio::io::AsyncReadExt as _;
 use tokio::time::Instant;
 
@@ -404,5 +406,81 @@ async fn the_assertion_appears_in_no_log_line() {
             "the assertion's signature in {what}"
         );
         assert!(!text.contains(payload), "the assertion's payload in {what}");
+    }
+}
+
+/// `token-sidecar dev --federated-issuer … --federated-subject … --federated-jwks …`, in-process:
+/// the client keeps its assertion file and the development server trusts the cluster issuer
+/// for `token.client_id`; without the federation, dev replaces the method with a throwaway key.
+#[tokio::test]
+async fn dev_keeps_the_assertion_file_when_told_to_trust_its_issuer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (jwks, kid) = cluster_jwks(dir.path());
+    let link = dir.path().join("token");
+    swap_in(
+        &link,
+        &projected_token(&kid, SERVICE_ACCOUNT, "via-dev", now() + 3600),
+        "v1",
+    );
+    let up = Upstream::start().await;
+    let loopback0 = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let config = || federated_config("http://127.0.0.1:9/oauth2/token", &up.url(), &link).build();
+    let federation = DevFederation {
+        issuer: CLUSTER_ISSUER.into(),
+        subject: SERVICE_ACCOUNT.into(),
+        client_id: String::new(),
+        jwks: jwks.display().to_string(),
+        audience: Some(PROJECTED_AUDIENCE.into()),
+    };
+    for federated in [true, false] {
+        let dev = Dev::start(DevOptions {
+            config: Some(config()),
+            listen: loopback0,
+            admin_listen: loopback0,
+            federation: federated.then(|| federation.clone()),
+        })
+        .await
+        .expect("dev starts");
+        let addr = dev.sidecar.proxy_addr();
+        // The refresher prefetches at start: with the federation, the platform's JWT is what
+        // authenticated the client; without it, a throwaway key did.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while federated && dev.authz.federated_jtis().is_empty() {
+            assert!(Instant::now() < deadline, "the assertion file was not used");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if federated {
+            assert_eq!(dev.authz.federated_jtis(), vec!["via-dev".to_string()]);
+        } else {
+            while dev.authz.token_requests() == 0 {
+                assert!(Instant::now() < deadline, "no token request");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(dev.authz.federated_jtis().is_empty());
+        }
+        let (sidecar, rest) = dev.into_parts();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            sidecar
+                .run(async {
+                    let _ = rx.await;
+                })
+                .await;
+            drop(rest);
+        });
+        let r = http_client()
+            .get(format!("http://{addr}/orders/x"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "federated = {federated}");
+        let _ = tx.send(());
+        task.await.unwrap();
+    }
+    let received = up.received();
+    assert_eq!(received.len(), 2);
+    for r in &received {
+        let claims = jwt_claims(&r.bearer().unwrap()).unwrap();
+        assert_eq!(claims["client_id"], CLIENT_ID);
     }
 }
