@@ -484,3 +484,62 @@ async fn dev_keeps_the_assertion_file_when_told_to_trust_its_issuer() {
         assert_eq!(claims["client_id"], CLIENT_ID);
     }
 }
+
+/// The federated issuer's keys may come from a URL (an issuer's `jwks_uri`), read at start; a
+/// JWKS that cannot be read stops the development server with an error naming the issuer.
+#[tokio::test]
+async fn the_federated_jwks_may_be_a_url_and_an_unreadable_one_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (jwks_file, kid) = cluster_jwks(dir.path());
+    // A one-shot loopback server plays the cluster's `jwks_uri` (read once, at start).
+    let jwks_text = std::fs::read_to_string(&jwks_file).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_url = format!("http://{}/openid/v1/jwks", listener.local_addr().unwrap());
+    let served = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut head = [0u8; 1024];
+        let _ = conn.read(&mut head).await.unwrap();
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{jwks_text}",
+            jwks_text.len()
+        );
+        conn.write_all(response.as_bytes()).await.unwrap();
+    });
+    // `federated_server` passes the path on as text, so a URL goes through unchanged.
+    let idp = federated_server(Path::new(&jwks_url), Duration::from_secs(3600)).await;
+    served.await.unwrap();
+    let link = dir.path().join("token");
+    swap_in(
+        &link,
+        &projected_token(&kid, SERVICE_ACCOUNT, "from-url", now() + 3600),
+        "v1",
+    );
+    let up = Upstream::start().await;
+    let sidecar = Running::start(federated_config(idp.token_url(), &up.url(), &link)).await;
+    sidecar.wait_ready().await;
+    assert_eq!(idp.federated_jtis(), vec!["from-url".to_string()]);
+    sidecar.stop().await;
+
+    let gone = DevServer::start(DevServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        clients: vec![],
+        federations: vec![DevFederation {
+            issuer: CLUSTER_ISSUER.into(),
+            subject: SERVICE_ACCOUNT.into(),
+            client_id: CLIENT_ID.into(),
+            jwks: dir.path().join("absent.json").display().to_string(),
+            audience: None,
+        }],
+        token_ttl: Duration::from_secs(60),
+    })
+    .await;
+    let err = gone
+        .err()
+        .expect("an unreadable JWKS is an error")
+        .to_string();
+    assert!(
+        err.contains(CLUSTER_ISSUER) && err.contains("absent.json"),
+        "{err}"
+    );
+}
