@@ -120,6 +120,10 @@ pub(super) mod token {
     pub(crate) fn max_response_bytes() -> usize {
         256 * 1024
     }
+    /// RFC 7523 §2.2: what Keycloak, Entra ID and Google expect for a platform-issued JWT.
+    pub(crate) fn client_assertion_type() -> String {
+        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_string()
+    }
 }
 
 /// `[[route]]` defaults, named by the schema's `#[serde(default = "…")]` attributes.

@@ -19,6 +19,7 @@ mod dev;
 mod dev_layering;
 mod evictions;
 mod faults;
+mod federated;
 mod hostile;
 mod hosts;
 mod limits;
