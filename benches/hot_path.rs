@@ -113,6 +113,7 @@ fn setup() -> Fixture {
                     .map(String::from)
                     .into(),
             }],
+            federations: vec![],
             token_ttl: Duration::from_secs(3600),
         })
         .await

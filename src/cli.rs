@@ -71,6 +71,19 @@ enum Command {
         /// Admin listener; overrides admin.listen from the config and the environment.
         #[arg(long, value_name = "ADDR")]
         admin_listen: Option<std::net::SocketAddr>,
+        /// Trust client assertions from this issuer (exact `iss`) for token.client_id, as a
+        /// federated credential does; needs auth_method = "client_assertion_file".
+        #[arg(long, value_name = "ISS", requires_all = ["federated_subject", "federated_jwks"])]
+        federated_issuer: Option<String>,
+        /// The exact `sub` accepted from the federated issuer (e.g. system:serviceaccount:ns:name).
+        #[arg(long, value_name = "SUB", requires = "federated_issuer")]
+        federated_subject: Option<String>,
+        /// The federated issuer's JWK Set: a file, or an http(s) URL; read at start.
+        #[arg(long, value_name = "FILE|URL", requires = "federated_issuer")]
+        federated_jwks: Option<String>,
+        /// An `aud` accepted besides the token endpoint URL.
+        #[arg(long, value_name = "AUD", requires = "federated_issuer")]
+        federated_audience: Option<String>,
     },
 }
 
@@ -87,6 +100,10 @@ pub fn main() -> ExitCode {
         Command::Dev {
             listen,
             admin_listen,
+            federated_issuer,
+            federated_subject,
+            federated_jwks,
+            federated_audience,
         } => {
             // Only an explicitly named config is used: ./sidecar.toml is the production example.
             let explicit = cli.config.clone().or_else(|| {
@@ -94,7 +111,20 @@ pub fn main() -> ExitCode {
                     .filter(|p| !p.is_empty())
                     .map(PathBuf::from)
             });
-            dev(explicit.as_deref(), listen, admin_listen)
+            // clap's `requires_all` guarantees subject and jwks come with the issuer.
+            let federation = match (federated_issuer, federated_subject, federated_jwks) {
+                (Some(issuer), Some(subject), Some(jwks)) => {
+                    Some(crate::dev::authz::DevFederation {
+                        issuer,
+                        subject,
+                        client_id: String::new(),
+                        jwks,
+                        audience: federated_audience,
+                    })
+                }
+                _ => None,
+            };
+            dev(explicit.as_deref(), listen, admin_listen, federation)
         }
     }
 }
@@ -365,6 +395,7 @@ fn dev(
     config_path: Option<&Path>,
     listen: Option<std::net::SocketAddr>,
     admin_listen: Option<std::net::SocketAddr>,
+    federation: Option<crate::dev::authz::DevFederation>,
 ) -> ExitCode {
     let builtin = crate::dev::builtin_config();
     let base = match config_path {
@@ -386,6 +417,7 @@ fn dev(
             config: Some(config),
             listen,
             admin_listen,
+            federation,
         })
         .await
         {

@@ -10,9 +10,10 @@
 //!   defaults, loading, validation that names every bad key.
 //! - `key/` — the signing key: the one algorithm catalogue, decoding PEM and JWK files through
 //!   maintained crates, re-reading the file when it changes.
-//! - `token/` — the cache key and RFC 6749 response types, the RFC 7523 assertion, the token
-//!   client (request building separate from sending), the token endpoint discovered from the
-//!   issuer's metadata (refreshed on a schedule), the refresh-ahead cache with
+//! - `token/` — the cache key and RFC 6749 response types, the RFC 7523 assertion (signed, or
+//!   the platform's JWT from a rotating file), the token client (request building separate
+//!   from sending), the token endpoint discovered from the issuer's metadata (refreshed on a
+//!   schedule), the refresh-ahead cache with
 //!   its supervised refreshers, the per-key retry schedule, the eviction gate, the RFC 8705
 //!   client certificates (loaded, checked, re-read on rotation; also presented to upstreams).
 //! - `proxy/` — the request path as named phase functions, routes, header rules, the request
@@ -52,7 +53,7 @@ pub use config::{
     RouteConfig, TokenConfig, from_toml_str,
 };
 #[cfg(feature = "dev")]
-pub use dev::authz::{DevClient, DevServer, DevServerConfig};
+pub use dev::authz::{DevClient, DevFederation, DevServer, DevServerConfig};
 #[cfg(feature = "dev")]
 pub use dev::{Dev, DevError, DevOptions, ECHO_AUDIENCE, ECHO_SCOPE};
 pub use key::{Algorithm, SigningKey};

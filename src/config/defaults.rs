@@ -124,6 +124,10 @@ pub(super) mod token {
     pub(crate) fn discovery_refresh_interval() -> Duration {
         Duration::from_secs(3600)
     }
+    /// RFC 7523 §2.2: what Keycloak, Entra ID and Google expect for a platform-issued JWT.
+    pub(crate) fn client_assertion_type() -> String {
+        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_string()
+    }
 }
 
 /// `[[route]]` defaults, named by the schema's `#[serde(default = "…")]` attributes.

@@ -123,6 +123,10 @@ pub enum AuthMethod {
     TlsClientAuth,
     /// RFC 8705 §2.2: a self-signed client certificate registered with the server as a JWK.
     SelfSignedTlsClientAuth,
+    /// RFC 7521 §4.2: a JWT the platform writes and rotates (a projected service-account
+    /// token, `AZURE_FEDERATED_TOKEN_FILE`, a SPIFFE JWT-SVID), read from
+    /// `token.client_assertion_file` and sent as `client_assertion`: no long-lived secret.
+    ClientAssertionFile,
 }
 
 /// How the route's audiences are requested.
@@ -177,6 +181,14 @@ pub struct TokenConfig {
     /// The client secret inline; prefer `client_secret_file` or the environment.
     #[serde(default)]
     pub client_secret: Option<Secret<String>>,
+    /// `client_assertion_file`: the JWT the platform writes and rotates; re-read when it
+    /// changes and before it expires.
+    #[serde(default)]
+    pub client_assertion_file: Option<PathBuf>,
+    /// `client_assertion_file`: the `client_assertion_type` sent with it (RFC 7523 jwt-bearer,
+    /// or e.g. SPIFFE's `urn:ietf:params:oauth:client-assertion-type:jwt-spiffe`).
+    #[serde(default = "defaults::token::client_assertion_type")]
+    pub client_assertion_type: String,
     #[serde(default)]
     pub audience_param: AudienceParam,
     /// Fraction of a token's lifetime after which it is refreshed.

@@ -12,6 +12,25 @@ use url::Url;
 
 use super::{AuthMethod, Config, ConfigError, Problem, TokenConfig};
 
+/// `token.client_assertion_file` / `token.client_assertion_type` (docs/spec.md §2).
+fn validate_client_assertion(p: &mut Problems, t: &TokenConfig) {
+    if t.client_assertion_file.is_some() && t.auth_method != AuthMethod::ClientAssertionFile {
+        p.add(
+            "token.client_assertion_file",
+            "only used with auth_method = \"client_assertion_file\"",
+        );
+    }
+    // RFC 7521 §4.2: an absolute URI; a form-unsafe or blank value is a typo, not a type.
+    let ty = &t.client_assertion_type;
+    let absolute = Url::parse(ty).is_ok_and(|u| !u.cannot_be_a_base() || u.scheme() == "urn");
+    if !absolute || ty.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        p.add(
+            "token.client_assertion_type",
+            "must be an absolute URI such as urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        );
+    }
+}
+
 /// Collects problems as validation walks the config.
 #[derive(Default)]
 struct Problems(Vec<Problem>);
@@ -134,7 +153,19 @@ impl Config {
             }
             // Checked with the other certificate keys in validate_client_certs.
             AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => {}
+            AuthMethod::ClientAssertionFile => {
+                // Not required to exist yet: the platform may write it after the sidecar starts
+                // (a projected volume is ready, a spiffe-helper file may not be); until then
+                // /readyz names the file (docs/spec.md §2).
+                if t.client_assertion_file.is_none() {
+                    p.add(
+                        "token.client_assertion_file",
+                        "required when auth_method = \"client_assertion_file\"",
+                    );
+                }
+            }
         }
+        validate_client_assertion(p, t);
         if let Some(f) = &t.private_key_file {
             if t.auth_method == AuthMethod::PrivateKeyJwt {
                 check_key_file(p, t, f);
@@ -848,6 +879,49 @@ upstream = "https://a.example.com"
                 "proxy.body_read_timeout",
                 "proxy.max_concurrent_streams",
             ]
+        );
+    }
+
+    #[test]
+    fn client_assertion_file_needs_its_path_and_a_uri_type() {
+        let base = super::super::MINIMAL.replace(
+            "auth_method = \"client_secret_post\"\nclient_secret = \"hunter2\"",
+            "auth_method = \"client_assertion_file\"",
+        );
+        let err = super::super::from_toml_str(&base).unwrap_err().to_string();
+        assert!(
+            err.contains("token.client_assertion_file: required"),
+            "{err}"
+        );
+        // The file need not exist yet (the platform writes it); the type must be a URI.
+        let ok = base.replace(
+            "auth_method = \"client_assertion_file\"",
+            "auth_method = \"client_assertion_file\"\nclient_assertion_file = \"/nonexistent/token\"",
+        );
+        super::super::from_toml_str(&ok).unwrap();
+        let bad = ok.replace(
+            "client_assertion_file = ",
+            "client_assertion_type = \"jwt bearer\"\nclient_assertion_file = ",
+        );
+        let err = super::super::from_toml_str(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("token.client_assertion_type: must be an absolute URI"),
+            "{err}"
+        );
+        let spiffe = ok.replace(
+            "client_assertion_file = ",
+            "client_assertion_type = \"urn:ietf:params:oauth:client-assertion-type:jwt-spiffe\"\nclient_assertion_file = ",
+        );
+        super::super::from_toml_str(&spiffe).unwrap();
+        // A path set for another method is a mistake, not silently ignored.
+        let stray = super::super::MINIMAL.replace(
+            "client_secret = \"hunter2\"",
+            "client_secret = \"hunter2\"\nclient_assertion_file = \"/x\"",
+        );
+        let err = super::super::from_toml_str(&stray).unwrap_err().to_string();
+        assert!(
+            err.contains("token.client_assertion_file: only used with"),
+            "{err}"
         );
     }
 }

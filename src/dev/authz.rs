@@ -9,6 +9,15 @@
 //! allow-list. Tokens are RFC 9068 JWT access tokens signed with a key generated at start-up and
 //! published at `/.well-known/jwks.json`.
 //!
+//! It can also trust a federated issuer ([`DevFederation`]), the way Entra ID's federated
+//! credentials and Keycloak's federated client authentication do: an assertion whose `iss` is
+//! exactly a configured issuer and whose `sub` is exactly the configured subject (a Kubernetes
+//! service account, a SPIFFE ID) authenticates the client it is mapped to, when it verifies
+//! against that issuer's JWKS (a file or URL, read at start), its `aud` is the token endpoint
+//! URL or the configured audience, and `exp` is in the future (no leeway). Anything else is
+//! 401 `invalid_client`. Such assertions are the platform's own tokens, reused until rotated,
+//! so no `jti` is required and none is remembered.
+//!
 //! For development only: it keeps everything in memory and binds loopback addresses only.
 
 use std::collections::{BTreeSet, HashMap};
@@ -48,11 +57,30 @@ pub struct DevClient {
     pub audiences: BTreeSet<String>,
 }
 
+/// A federated credential: assertions `issuer` signed about `subject` authenticate `client_id`.
+#[derive(Debug, Clone)]
+pub struct DevFederation {
+    /// The exact `iss` accepted (e.g. a cluster's service-account issuer URL).
+    pub issuer: String,
+    /// The exact `sub` accepted (e.g. `system:serviceaccount:ns:name`).
+    pub subject: String,
+    /// The client it authenticates; must be one of the server's clients.
+    pub client_id: String,
+    /// The issuer's public keys: a JWK Set file, or an `http(s)://` URL serving one; read once
+    /// at start.
+    pub jwks: String,
+    /// An `aud` accepted besides the token endpoint URL (what the platform token is minted for,
+    /// e.g. `api://AzureADTokenExchange`).
+    pub audience: Option<String>,
+}
+
 /// The server's configuration.
 #[derive(Debug, Clone)]
 pub struct DevServerConfig {
     pub listen: SocketAddr,
     pub clients: Vec<DevClient>,
+    /// Federated issuers trusted for client authentication (may be empty).
+    pub federations: Vec<DevFederation>,
     /// Lifetime of issued access tokens.
     pub token_ttl: Duration,
 }
@@ -62,10 +90,15 @@ struct State {
     token_url: String,
     key: SigningKey,
     clients: HashMap<String, DevClient>,
+    /// Each federated credential with its issuer's JWK Set, as read at start.
+    federations: Vec<(DevFederation, serde_json::Value)>,
     token_ttl: Duration,
     /// jti → exp: an assertion id is refused until its assertion has expired.
     seen_jti: Mutex<HashMap<String, u64>>,
     token_requests: AtomicU64,
+    /// The `jti` of the last [`MAX_RECORDED`] federated assertions accepted (`-` without one),
+    /// so tests can tell which version of a rotating platform token reached the server.
+    federated_jtis: Mutex<std::collections::VecDeque<String>>,
     /// Seconds added to the system clock: simulates a server whose clock is off (tests).
     clock_offset: AtomicI64,
 }
@@ -95,6 +128,58 @@ pub enum DevServerError {
     },
     #[error("cannot create the signing key: {0}")]
     Key(String),
+    #[error("federated issuer {issuer}: cannot read its JWKS {jwks}: {reason}")]
+    Jwks {
+        issuer: String,
+        jwks: String,
+        reason: String,
+    },
+}
+
+/// Federated assertions recorded (their `jti` only) for [`DevServer::federated_jtis`].
+const MAX_RECORDED: usize = 64;
+
+/// Most bytes of a federated issuer's JWK Set read (a set holds a few keys of a few KiB).
+const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
+/// Reads a federated issuer's JWK Set from a file or URL, bounded in size and time.
+async fn load_jwks(f: &DevFederation) -> Result<serde_json::Value, DevServerError> {
+    let fail = |reason: String| DevServerError::Jwks {
+        issuer: f.issuer.clone(),
+        jwks: f.jwks.clone(),
+        reason,
+    };
+    let bytes: Vec<u8> = if f.jwks.starts_with("http://") || f.jwks.starts_with("https://") {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        let resp = client
+            .get(&f.jwks)
+            .send()
+            .await
+            .map_err(|e| fail(crate::util::reqwest_error(e)))?;
+        if !resp.status().is_success() {
+            return Err(fail(format!("status {}", resp.status())));
+        }
+        let body = resp.bytes().await.map_err(|e| fail(e.to_string()))?;
+        if body.len() > MAX_JWKS_BYTES {
+            return Err(fail(format!("larger than {MAX_JWKS_BYTES} bytes")));
+        }
+        body.to_vec()
+    } else {
+        crate::util::read_bounded(std::path::Path::new(&f.jwks), MAX_JWKS_BYTES as u64)
+            .map_err(|e| fail(e.to_string()))?
+            .to_vec()
+    };
+    let jwks: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| fail("not JSON".into()))?;
+    if !jwks["keys"].is_array() {
+        return Err(fail("not a JWK Set (no \"keys\" array)".into()));
+    }
+    Ok(jwks)
 }
 
 impl DevServer {
@@ -117,6 +202,11 @@ impl DevServer {
             })?;
         let (_, key) = SigningKey::generate(Algorithm::ES256)
             .map_err(|e| DevServerError::Key(e.to_string()))?;
+        let mut federations = Vec::with_capacity(cfg.federations.len());
+        for f in cfg.federations {
+            let jwks = load_jwks(&f).await?;
+            federations.push((f, jwks));
+        }
         let issuer = format!("http://{addr}");
         let state = Arc::new(State {
             token_url: format!("{issuer}/oauth2/token"),
@@ -127,9 +217,11 @@ impl DevServer {
                 .into_iter()
                 .map(|c| (c.client_id.clone(), c))
                 .collect(),
+            federations,
             token_ttl: cfg.token_ttl,
             seen_jti: Mutex::new(HashMap::new()),
             token_requests: AtomicU64::new(0),
+            federated_jtis: Mutex::new(std::collections::VecDeque::new()),
             clock_offset: AtomicI64::new(0),
         });
         let s = state.clone();
@@ -152,6 +244,15 @@ impl DevServer {
     /// to test how clients cope with clock skew.
     pub fn set_clock_offset(&self, secs: i64) {
         self.state.clock_offset.store(secs, Ordering::SeqCst);
+    }
+
+    /// The `jti` claims of the federated assertions accepted, oldest first (the last 64).
+    pub fn federated_jtis(&self) -> Vec<String> {
+        let seen = self.state.federated_jtis.lock();
+        seen.unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Token requests received so far (valid or not).
@@ -288,81 +389,14 @@ fn issue(s: &State, body: &[u8], now: u64) -> Result<Response<Full<Bytes>>, Refu
         }
     }
 
-    // Client authentication (RFC 7523 §2.2 / §3).
-    if one("client_assertion_type")? != Some(ASSERTION_TYPE) {
-        return Err(refuse(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-        ));
-    }
-    let Some(assertion) = one("client_assertion")? else {
-        return Err(refuse(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "client_assertion is missing",
-        ));
-    };
-    // Before the signature is checked, only `sub` is read (to find the client's key), and as a
-    // loose JSON value: a hostile assertion may lack any claim or give it any type, and must be
-    // told so by the verified decode below, not by a parse error here.
-    let unverified_sub =
-        match jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(assertion) {
-            Ok(d) => d
-                .claims
-                .get("sub")
-                .and_then(|s| s.as_str())
-                .map(str::to_owned),
-            Err(_) => {
-                return Err(refuse(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_client",
-                    "client_assertion is not a valid JWT",
-                ));
-            }
-        };
-    let form_client_id = one("client_id")?.map(str::to_owned);
-    let Some(client_id) = unverified_sub.or_else(|| form_client_id.clone()) else {
-        return Err(refuse(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "the assertion has no sub",
-        ));
-    };
-    if let Some(form_id) = &form_client_id
-        && *form_id != client_id
-    {
-        return Err(refuse(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "client_id does not match the assertion's sub",
-        ));
-    }
-    let Some(client) = s.clients.get(&client_id) else {
-        return Err(refuse(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "unknown client",
-        ));
-    };
-    let claims = match verify_assertion(s, client, assertion, now) {
-        Ok(c) => c,
-        Err(why) => return Err(refuse(StatusCode::UNAUTHORIZED, "invalid_client", why)),
-    };
-
-    // Replay protection: remember each jti until its assertion expires.
-    {
-        let mut seen = s.seen_jti.lock().unwrap_or_else(|e| e.into_inner());
-        seen.retain(|_, exp| *exp >= now);
-        if seen.contains_key(&claims.jti) {
-            return Err(refuse(
-                StatusCode::UNAUTHORIZED,
-                "invalid_client",
-                "the assertion's jti was already used",
-            ));
-        }
-        seen.insert(claims.jti.clone(), claims.exp);
-    }
+    // Client authentication (RFC 7523 §2.2 / §3, or a federated credential).
+    let client = authenticate(
+        s,
+        one("client_assertion_type")?,
+        one("client_assertion")?,
+        one("client_id")?,
+        now,
+    )?;
 
     // What is asked for, against the client's allow-lists.
     let scopes: BTreeSet<String> = one("scope")?
@@ -428,6 +462,217 @@ fn issue(s: &State, body: &[u8], now: u64) -> Result<Response<Full<Bytes>>, Refu
             "scope": scope,
         }),
     ))
+}
+
+/// The jwt-spiffe assertion type (SPIFFE JWT-SVID client authentication), accepted from a
+/// federated issuer only.
+const SPIFFE_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe";
+
+/// Which client the request authenticates as, or why none.
+fn authenticate<'s>(
+    s: &'s State,
+    assertion_type: Option<&str>,
+    assertion: Option<&str>,
+    form_client_id: Option<&str>,
+    now: u64,
+) -> Result<&'s DevClient, Refusal> {
+    if !matches!(
+        assertion_type,
+        Some(ASSERTION_TYPE) | Some(SPIFFE_ASSERTION_TYPE)
+    ) {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        ));
+    }
+    let Some(assertion) = assertion else {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client_assertion is missing",
+        ));
+    };
+    // Before the signature is checked, only `iss` and `sub` are read (to find the federated
+    // issuer or the client's key), and as a loose JSON value: a hostile assertion may lack any claim or give it any type, and must be
+    // told so by the verified decode below, not by a parse error here.
+    let unverified = match jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(assertion)
+    {
+        Ok(d) => d.claims,
+        Err(_) => {
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "client_assertion is not a valid JWT",
+            ));
+        }
+    };
+    let claim = |k: &str| {
+        unverified
+            .get(k)
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    // A trusted federated issuer's assertion is checked against that issuer alone; its `iss`
+    // is only a hint here, which the verification below must confirm.
+    if let Some(iss) = claim("iss")
+        && s.federations.iter().any(|(f, _)| f.issuer == iss)
+    {
+        return authenticate_federated(s, assertion, &iss, claim("sub"), form_client_id, now)
+            .map_err(|why| refuse(StatusCode::UNAUTHORIZED, "invalid_client", why));
+    }
+    if assertion_type != Some(ASSERTION_TYPE) {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client_assertion_type jwt-spiffe is accepted from a federated issuer only",
+        ));
+    }
+    let unverified_sub = claim("sub");
+    let form_client_id = form_client_id.map(str::to_owned);
+    let Some(client_id) = unverified_sub.or_else(|| form_client_id.clone()) else {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "the assertion has no sub",
+        ));
+    };
+    if let Some(form_id) = &form_client_id
+        && *form_id != client_id
+    {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client_id does not match the assertion's sub",
+        ));
+    }
+    let Some(client) = s.clients.get(&client_id) else {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "unknown client",
+        ));
+    };
+    let claims = match verify_assertion(s, client, assertion, now) {
+        Ok(c) => c,
+        Err(why) => return Err(refuse(StatusCode::UNAUTHORIZED, "invalid_client", why)),
+    };
+
+    // Replay protection: remember each jti until its assertion expires.
+    {
+        let mut seen = s.seen_jti.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|_, exp| *exp >= now);
+        if seen.contains_key(&claims.jti) {
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "the assertion's jti was already used",
+            ));
+        }
+        seen.insert(claims.jti.clone(), claims.exp);
+    }
+    Ok(client)
+}
+
+/// A federated credential's checks: exact `iss` and `sub`, the issuer's signature, `aud` = the
+/// token endpoint or the credential's audience, `exp` in the future and `iat`/`nbf` not in it,
+/// no leeway. Returns the client it maps to, or why the assertion is refused.
+fn authenticate_federated<'s>(
+    s: &'s State,
+    assertion: &str,
+    iss: &str,
+    sub: Option<String>,
+    form_client_id: Option<&str>,
+    now: u64,
+) -> Result<&'s DevClient, String> {
+    let Some((fed, jwks)) = s
+        .federations
+        .iter()
+        .find(|(f, _)| f.issuer == iss && sub.as_deref() == Some(f.subject.as_str()))
+    else {
+        return Err(format!(
+            "no federated credential of issuer {iss} matches the assertion's sub"
+        ));
+    };
+    let header = jsonwebtoken::decode_header(assertion)
+        .map_err(|_| "the assertion header is invalid".to_string())?;
+    let key =
+        decoding_key(jwks, &header).map_err(|why| format!("federated issuer {iss}: {why}"))?;
+    let mut audiences = vec![s.token_url.as_str()];
+    audiences.extend(fed.audience.as_deref());
+    let mut v = Validation::new(header.alg);
+    v.leeway = 0;
+    v.set_audience(&audiences);
+    v.set_issuer(&[iss]);
+    v.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(assertion, &key, &v)
+        .map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                "the assertion's signature does not verify with the federated issuer's keys"
+                    .to_string()
+            }
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                "the assertion has expired".to_string()
+            }
+            jsonwebtoken::errors::ErrorKind::InvalidAudience => format!(
+                "the assertion's aud must be {}{}",
+                s.token_url,
+                fed.audience
+                    .as_deref()
+                    .map(|a| format!(" or {a}"))
+                    .unwrap_or_default()
+            ),
+            other => format!("the assertion is invalid: {other:?}"),
+        })?
+        .claims;
+    let time = |k: &str| claims.get(k).and_then(serde_json::Value::as_u64);
+    if time("exp").is_none_or(|exp| exp <= now) {
+        return Err("the assertion has expired".into());
+    }
+    if time("iat").is_some_and(|iat| iat > now) || time("nbf").is_some_and(|nbf| nbf > now) {
+        return Err("the assertion's iat or nbf is in the future".into());
+    }
+    if form_client_id.is_some_and(|id| id != fed.client_id) {
+        return Err("client_id is not the client this federated credential maps to".into());
+    }
+    let client = s
+        .clients
+        .get(&fed.client_id)
+        .ok_or_else(|| "the federated credential maps to an unknown client".to_string())?;
+    let jti = claims.get("jti").and_then(|j| j.as_str()).unwrap_or("-");
+    let mut seen = s.federated_jtis.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.len() == MAX_RECORDED {
+        seen.pop_front();
+    }
+    seen.push_back(jti.to_string());
+    Ok(client)
+}
+
+/// The key of `jwks` that `header` names (by `kid`, or the only key when there is no `kid`).
+fn decoding_key(
+    jwks: &serde_json::Value,
+    header: &jsonwebtoken::Header,
+) -> Result<DecodingKey, String> {
+    let keys = jwks["keys"].as_array().cloned().unwrap_or_default();
+    let jwk_value = keys
+        .iter()
+        .find(|k| match (&header.kid, k["kid"].as_str()) {
+            (Some(want), Some(have)) => want == have,
+            (None, _) => keys.len() == 1,
+            _ => false,
+        })
+        .ok_or("no key matches the assertion's kid")?;
+    let jwk: Jwk =
+        serde_json::from_value(jwk_value.clone()).map_err(|_| "a key is not a valid JWK")?;
+    if let Some(alg) = jwk_value["alg"].as_str()
+        && crate::key::parse_alg(alg) != Some(header.alg)
+    {
+        return Err(format!(
+            "the assertion is signed with {:?} but the key is for {alg}",
+            header.alg
+        ));
+    }
+    DecodingKey::from_jwk(&jwk).map_err(|_| "the key cannot verify signatures".to_string())
 }
 
 /// RFC 7523 §3 checks of a client assertion. Returns why it is refused.
@@ -536,9 +781,11 @@ mod tests {
                     audiences: BTreeSet::from(["https://api.example".to_string()]),
                 },
             )]),
+            federations: Vec::new(),
             token_ttl: Duration::from_secs(300),
             seen_jti: Mutex::new(HashMap::new()),
             token_requests: AtomicU64::new(0),
+            federated_jtis: Mutex::new(std::collections::VecDeque::new()),
             clock_offset: AtomicI64::new(0),
         }
     }
@@ -743,11 +990,109 @@ mod tests {
         );
     }
 
+    /// A projected-token-shaped assertion from the federated issuer `cluster`.
+    fn federated(cluster: &SigningKey, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut c = json!({
+            "iss": "https://cluster.test", "sub": "system:serviceaccount:ns:svc",
+            "aud": ["sts.test"], "iat": NOW - 10, "exp": NOW + 600,
+            "kubernetes.io": {"namespace": "ns"},
+        });
+        edit(&mut c);
+        cluster.sign_typed("JWT", &c).unwrap().expose().clone()
+    }
+
+    fn federated_form(assertion: &str, client_id: Option<&str>) -> Vec<u8> {
+        let mut f = url::form_urlencoded::Serializer::new(String::new());
+        f.append_pair("grant_type", "client_credentials");
+        if let Some(id) = client_id {
+            f.append_pair("client_id", id);
+        }
+        f.append_pair("client_assertion_type", ASSERTION_TYPE);
+        f.append_pair("client_assertion", assertion);
+        f.finish().into_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_federated_issuer_is_trusted_exactly_as_configured() {
+        let own = client_key("k1");
+        let cluster = client_key("cluster");
+        let mut s = state(&own);
+        s.federations.push((
+            DevFederation {
+                issuer: "https://cluster.test".into(),
+                subject: "system:serviceaccount:ns:svc".into(),
+                client_id: "svc".into(),
+                jwks: String::new(),
+                audience: Some("sts.test".into()),
+            },
+            json!({ "keys": [cluster.public_jwk()] }),
+        ));
+        // The platform token authenticates the mapped client, with or without client_id, and
+        // may be presented again (it is reused until rotated); aud may be the token endpoint.
+        let good = federated(&cluster, |_| {});
+        for body in [
+            federated_form(&good, Some("svc")),
+            federated_form(&good, None),
+        ] {
+            let (status, body) = call(&s, &body).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        let to_endpoint = federated(&cluster, |c| c["aud"] = json!(TOKEN_URL));
+        assert_eq!(call(&s, &federated_form(&to_endpoint, None)).await.0, 200);
+
+        let impostor = client_key("cluster");
+        let cases: Vec<(&str, String)> = vec![
+            (
+                "wrong sub",
+                federated(&cluster, |c| {
+                    c["sub"] = json!("system:serviceaccount:ns:other")
+                }),
+            ),
+            (
+                "wrong aud",
+                federated(&cluster, |c| c["aud"] = json!(["other"])),
+            ),
+            ("expired", federated(&cluster, |c| c["exp"] = json!(NOW))),
+            (
+                "iat ahead",
+                federated(&cluster, |c| c["iat"] = json!(NOW + 5)),
+            ),
+            (
+                "no exp",
+                federated(&cluster, |c| {
+                    c.as_object_mut().unwrap().remove("exp");
+                }),
+            ),
+            ("another signer", federated(&impostor, |_| {})),
+            // An issuer that is not trusted falls to the client's own keys, which refuse it.
+            (
+                "wrong iss",
+                federated(&cluster, |c| c["iss"] = json!("https://other.test")),
+            ),
+        ];
+        for (what, a) in &cases {
+            let (status, body) = call(&s, &federated_form(a, Some("svc"))).await;
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (401, Some("invalid_client")),
+                "{what}: {body}"
+            );
+        }
+        // A client_id other than the mapped one.
+        let (status, body) = call(&s, &federated_form(&good, Some("nobody"))).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_client")),
+            "{body}"
+        );
+    }
+
     #[tokio::test]
     async fn binds_loopback_only() {
         let err = DevServer::start(DevServerConfig {
             listen: "0.0.0.0:0".parse().unwrap(),
             clients: vec![],
+            federations: vec![],
             token_ttl: Duration::from_secs(60),
         })
         .await

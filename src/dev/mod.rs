@@ -10,7 +10,8 @@
 //! the token endpoint always (and with it `assertion_audience` and `ca_file`, which describe the
 //! real server); the key when the client has none that can be read (a throwaway ES256 key,
 //! registered with the development server); a `client_secret_*` method (the development server
-//! only takes `private_key_jwt`); and a route upstream of `http://echo.dev.local`, which names
+//! only takes `private_key_jwt`), and `client_assertion_file` unless a federated issuer is
+//! trusted (`DevOptions::federation`), in which case the client keeps its assertion file; and a route upstream of `http://echo.dev.local`, which names
 //! the echo upstream. Everything else is validated as in production, after the replacements, so
 //! a genuine mistake still stops dev with one line per problem naming its key.
 //!
@@ -25,7 +26,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::config::{AuthMethod, Config, ConfigError, TokenConfig};
-use crate::dev::authz::{DevClient, DevServer, DevServerConfig};
+use crate::dev::authz::{DevClient, DevFederation, DevServer, DevServerConfig};
 use crate::dev::echo::Echo;
 use crate::key::{Algorithm, KeySource, SigningKey};
 use crate::server::Sidecar;
@@ -48,6 +49,10 @@ pub struct DevOptions {
     pub listen: Option<SocketAddr>,
     /// Overrides `admin.listen` (a command-line flag: above every other layer).
     pub admin_listen: Option<SocketAddr>,
+    /// Trust this federated issuer for the configured client (`--federated-*` flags): the
+    /// client keeps `auth_method = "client_assertion_file"` and its file; `client_id` is set to
+    /// `token.client_id`.
+    pub federation: Option<DevFederation>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +134,27 @@ impl Dev {
             None
         };
 
-        let (key_source, key_dir) = usable_key(&mut config.token, &mut replaced)?;
+        // A federated client has no key here: the platform's JWT authenticates it.
+        let (client_jwks, key_dir) = if opts.federation.is_some() {
+            if config.token.auth_method != AuthMethod::ClientAssertionFile {
+                return Err(DevError::Setup(
+                    "a federated issuer needs token.auth_method = \"client_assertion_file\" and token.client_assertion_file".into(),
+                ));
+            }
+            (serde_json::json!({ "keys": [] }), None)
+        } else {
+            let (key_source, key_dir) = usable_key(&mut config.token, &mut replaced)?;
+            let jwks = serde_json::json!({ "keys": [key_source.current().public_jwk()] });
+            (jwks, key_dir)
+        };
+        let federations = opts
+            .federation
+            .map(|mut f| {
+                f.client_id = config.token.client_id.clone();
+                f
+            })
+            .into_iter()
+            .collect();
 
         let scopes: BTreeSet<String> = config
             .route
@@ -145,10 +170,11 @@ impl Dev {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             clients: vec![DevClient {
                 client_id: config.token.client_id.clone(),
-                jwks: serde_json::json!({ "keys": [key_source.current().public_jwk()] }),
+                jwks: client_jwks,
                 scopes,
                 audiences,
             }],
+            federations,
             token_ttl: Duration::from_secs(3600),
         })
         .await?;
@@ -247,6 +273,15 @@ fn usable_key(
             }
         }
         (AuthMethod::PrivateKeyJwt, None) => "token.private_key_file not set".to_string(),
+        (AuthMethod::ClientAssertionFile, _) => {
+            if let Some(f) = t.client_assertion_file.take() {
+                replaced.push(format!(
+                    "token.client_assertion_file {} dropped (pass --federated-issuer, --federated-subject and --federated-jwks to have it trusted)",
+                    f.display()
+                ));
+            }
+            "token.auth_method client_assertion_file replaced by private_key_jwt (no federated issuer is trusted)".to_string()
+        }
         (method, _) => format!(
             "token.auth_method {} replaced by private_key_jwt (the development server takes no other)",
             match method {

@@ -41,7 +41,7 @@ use zeroize::Zeroizing;
 pub use jsonwebtoken::Algorithm;
 
 pub(crate) use self::alg::{alg_name, is_implied_by_key, parse_alg, supported_list};
-pub(crate) use self::source::{KeySource, write_private};
+pub(crate) use self::source::{FileStamp, KeySource, write_private};
 
 use self::alg::KeyType;
 use self::public::PublicParts;

@@ -22,8 +22,9 @@ use super::{Algorithm, KeyError, SigningKey};
 
 /// What identifies one version of a file: symlinks followed, so a Kubernetes `..data` swap shows
 /// up as a new inode even when size and mtime happen to match.
+/// Also used for the client assertion file (`token/assertion_file.rs`), which rotates the same way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileStamp {
+pub(crate) struct FileStamp {
     modified: Option<SystemTime>,
     len: u64,
     #[cfg(unix)]
@@ -33,7 +34,7 @@ struct FileStamp {
 }
 
 impl FileStamp {
-    fn of(path: &Path) -> io::Result<FileStamp> {
+    pub(crate) fn of(path: &Path) -> io::Result<FileStamp> {
         #[cfg(unix)]
         use std::os::unix::fs::MetadataExt as _;
         let meta = std::fs::metadata(path)?;

@@ -38,6 +38,10 @@ pub(crate) enum FetchError {
     TooLarge { limit: usize },
     #[error("cannot authenticate the client: {0}")]
     Credentials(String),
+    /// The platform's assertion file is missing, unreadable or expired: 503, not 502, because
+    /// the platform rotates it without any change here (docs/spec.md §2).
+    #[error("cannot authenticate the client: {0}")]
+    AssertionFile(#[from] crate::token::assertion_file::AssertionFileError),
 }
 
 /// A failed attempt, with the pause the server asked for (`Retry-After` on 429 and 503).
@@ -103,7 +107,7 @@ impl FetchError {
         match self {
             FetchError::Response(r) => r.is_retryable(),
             FetchError::Transport(_) | FetchError::Timeout(_) | FetchError::TooLarge { .. } => true,
-            FetchError::Credentials(_) => false,
+            FetchError::Credentials(_) | FetchError::AssertionFile(_) => false,
         }
     }
 
@@ -140,6 +144,10 @@ enum ClientAuth {
     /// RFC 8705: the TLS client certificate authenticates; the form carries only `client_id`.
     /// The certificate is presented by `TokenClient::mtls`.
     Tls,
+    AssertionFile {
+        file: crate::token::assertion_file::AssertionFile,
+        assertion_type: String,
+    },
 }
 
 /// A client secret from the config or from a file re-read per fetch (so rotation needs no restart).
@@ -301,6 +309,13 @@ impl TokenClient {
             AuthMethod::ClientSecretBasic => ClientAuth::SecretBasic(secret_source()),
             AuthMethod::ClientSecretPost => ClientAuth::SecretPost(secret_source()),
             AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => ClientAuth::Tls,
+            AuthMethod::ClientAssertionFile => ClientAuth::AssertionFile {
+                file: crate::token::assertion_file::AssertionFile::new(
+                    cfg.client_assertion_file.clone().unwrap_or_default(),
+                    cfg.clock_skew_tolerance,
+                ),
+                assertion_type: cfg.client_assertion_type.clone(),
+            },
         };
 
         let endpoint = match cfg.endpoint() {
@@ -487,6 +502,15 @@ impl TokenClient {
             // RFC 8705 §2: the certificate authenticates; client_id says whose it is.
             ClientAuth::Tls => {
                 form.append_pair("client_id", &self.client_id);
+            }
+            ClientAuth::AssertionFile {
+                file,
+                assertion_type,
+            } => {
+                let assertion = file.current(unix_now())?;
+                form.append_pair("client_id", &self.client_id);
+                form.append_pair("client_assertion_type", assertion_type);
+                form.append_pair("client_assertion", assertion.expose());
             }
         }
         if let Some(scope) = key.scope_param() {

@@ -3,6 +3,7 @@
 //!
 //! - [`response`] — the cache key, RFC 6749 §5.1/§5.2 types and the pure response parser.
 //! - [`assertion`] — the RFC 7523 client assertion.
+//! - [`assertion_file`] — a platform-issued client assertion read from a rotating file.
 //! - [`client`] — one `client_credentials` request with the retry policy (request building is
 //!   separate from sending).
 //! - [`discovery`] — the token endpoint from the issuer's metadata, refreshed on a schedule.
@@ -17,6 +18,7 @@
 //! server-sent duration can overflow a deadline and panic a refresher.
 
 pub(crate) mod assertion;
+pub(crate) mod assertion_file;
 pub(crate) mod backoff;
 pub(crate) mod cache;
 pub(crate) mod client;

@@ -46,6 +46,7 @@ async fn dev_with_no_config_echoes_a_valid_token() {
         config: None,
         listen: loopback0(),
         admin_listen: loopback0(),
+        federation: None,
     })
     .await;
     let resp = http_client()
@@ -95,6 +96,7 @@ audience = ["{ORDERS}"]
         config: Some(config),
         listen: loopback0(),
         admin_listen: loopback0(),
+        federation: None,
     })
     .await;
     let resp = http_client()
@@ -117,6 +119,7 @@ async fn dev_refuses_non_loopback_addresses() {
         config: None,
         listen: Some("0.0.0.0:0".parse().unwrap()),
         admin_listen: loopback0(),
+        federation: None,
     })
     .await
     .err()

@@ -20,6 +20,7 @@ mod dev_layering;
 mod discovery;
 mod evictions;
 mod faults;
+mod federated;
 mod hostile;
 mod hosts;
 mod limits;

@@ -69,6 +69,7 @@ impl Idp {
                             .into_iter()
                             .collect::<BTreeSet<_>>(),
                     }],
+                    federations: vec![],
                     token_ttl: ttl,
                 })
                 .await
