@@ -206,6 +206,16 @@ impl Config {
                 p.add(key, "must be greater than zero");
             }
         }
+        // The assertion's exp - iat is their sum (iat is backdated by the tolerance); Hydra and
+        // the dev server refuse assertions valid for more than an hour.
+        if t.assertion_lifetime.saturating_add(t.clock_skew_tolerance)
+            > std::time::Duration::from_secs(3600)
+        {
+            p.add(
+                "token.assertion_lifetime",
+                "assertion_lifetime + clock_skew_tolerance (the assertion's exp - iat) must be at most 1h; servers refuse longer-lived assertions",
+            );
+        }
         if t.assertion_lifetime <= t.clock_skew_tolerance {
             p.add(
                 "token.assertion_lifetime",
@@ -394,7 +404,7 @@ impl Config {
                 super::EndpointSource::Fixed(u) => ("token.token_url", u),
                 super::EndpointSource::Issuer(i) => ("token.issuer", i),
             };
-            if url.starts_with("http:") {
+            if is_plain_http(url) {
                 p.add(
                     key,
                     "a client certificate needs TLS: use https:// with an mTLS auth_method",
@@ -423,7 +433,7 @@ impl Config {
                 }
             }
             let presents = r.use_token_client_cert || r.client_cert_file.is_some();
-            if presents && r.upstream.starts_with("http:") {
+            if presents && is_plain_http(&r.upstream) {
                 p.add(
                     k("upstream"),
                     "a client certificate needs TLS: use https:// or drop the route's client certificate",
@@ -570,6 +580,11 @@ fn check_ca_file(p: &mut Problems, key: &str, path: &Path) {
         Ok(_) => {}
         Err(e) => p.add(key, e.to_string()),
     }
+}
+
+/// Whether `url` parses with the `http` scheme (the parser lowercases it: `HTTP://` too).
+fn is_plain_http(url: &str) -> bool {
+    Url::parse(url).is_ok_and(|u| u.scheme() == "http")
 }
 
 /// The listeners' hardening limits (docs/spec.md §6): none may be zero, which would switch a
@@ -880,6 +895,34 @@ upstream = "https://a.example.com"
                 "proxy.max_concurrent_streams",
             ]
         );
+    }
+
+    #[test]
+    fn an_assertion_valid_for_more_than_an_hour_is_refused() {
+        let with = |lifetime: &str, skew: &str| {
+            from_toml_str(&super::super::MINIMAL.replace(
+                "[token]\n",
+                &format!(
+                    "[token]\nassertion_lifetime = \"{lifetime}\"\nclock_skew_tolerance = \"{skew}\"\n"
+                ),
+            ))
+        };
+        assert!(with("59m", "1m").is_ok());
+        let err = with("1h", "30s").unwrap_err();
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.key == "token.assertion_lifetime" && p.message.contains("1h")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn upper_case_http_still_counts_as_plain_http() {
+        assert!(is_plain_http("HTTP://idp.example.com/token"));
+        assert!(is_plain_http("http://idp.example.com/token"));
+        assert!(!is_plain_http("https://idp.example.com/token"));
+        assert!(!is_plain_http("not a url"));
     }
 
     #[test]

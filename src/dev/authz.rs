@@ -146,7 +146,12 @@ const MAX_JWKS_BYTES: usize = 1024 * 1024;
 async fn load_jwks(f: &DevFederation) -> Result<serde_json::Value, DevServerError> {
     let fail = |reason: String| DevServerError::Jwks {
         issuer: f.issuer.clone(),
-        jwks: f.jwks.clone(),
+        // A URL may carry a token in its query: shown redacted like every URL (util.rs).
+        jwks: if f.jwks.contains("://") {
+            crate::util::redact_url(&f.jwks)
+        } else {
+            f.jwks.clone()
+        },
         reason,
     };
     let bytes: Vec<u8> = if f.jwks.starts_with("http://") || f.jwks.starts_with("https://") {
@@ -155,7 +160,7 @@ async fn load_jwks(f: &DevFederation) -> Result<serde_json::Value, DevServerErro
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(10))
             .build()
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(crate::util::reqwest_error(e)))?;
         let resp = client
             .get(&f.jwks)
             .send()
@@ -164,11 +169,20 @@ async fn load_jwks(f: &DevFederation) -> Result<serde_json::Value, DevServerErro
         if !resp.status().is_success() {
             return Err(fail(format!("status {}", resp.status())));
         }
-        let body = resp.bytes().await.map_err(|e| fail(e.to_string()))?;
-        if body.len() > MAX_JWKS_BYTES {
-            return Err(fail(format!("larger than {MAX_JWKS_BYTES} bytes")));
+        // Chunk by chunk, so an endless or huge answer is cut at the bound, not buffered first.
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| fail(crate::util::reqwest_error(e)))?
+        {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(fail(format!("larger than {MAX_JWKS_BYTES} bytes")));
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.to_vec()
+        body
     } else {
         crate::util::read_bounded(std::path::Path::new(&f.jwks), MAX_JWKS_BYTES as u64)
             .map_err(|e| fail(e.to_string()))?

@@ -7,7 +7,9 @@
 //!
 //! *No progress* is measured only while the body is being waited for: the clock starts when a
 //! poll finds no data ready and stops at the next frame. Time the consumer spends not polling
-//! (the upstream applying backpressure) never counts against the client.
+//! (the upstream applying backpressure) never counts against the client. A body read into
+//! memory ([`read_to_bytes`], at most `retry_body_limit`) must in addition arrive whole within
+//! one timeout, so trickling a byte at a time cannot stretch it.
 //!
 //! What happens next is the caller's ([`super::serve`]): a body read into memory ends the
 //! request with 408 before anything is forwarded; a streamed body's error aborts the upstream
@@ -140,20 +142,50 @@ where
 {
     let announced = body.size_hint().exact().unwrap_or(0);
     let mut buf = BytesMut::with_capacity(usize::try_from(announced).unwrap_or(limit).min(limit));
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            if buf.len() + data.len() > limit {
-                return Err(BodyError::TooLarge);
+    // Progress alone is not enough here: a client sending one byte per (timeout − 1 s) would
+    // hold its connection and request slot for days. The whole buffered body (at most
+    // `limit`, retry_body_limit) must arrive within one timeout.
+    let timeout = body.timeout;
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(BodyError::TooLarge);
+                }
+                buf.extend_from_slice(&data);
             }
-            buf.extend_from_slice(&data);
         }
-    }
+        Ok(())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| BodyError::Stalled(timeout))??;
     Ok(buf.freeze())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_buffered_body_that_trickles_is_cut_after_one_timeout_in_all() {
+        const T: Duration = Duration::from_secs(30);
+        let (mut tx, rx) = Channel::<Bytes, Infallible>::new(1);
+        let (body, _stall) = DeadlineBody::new(rx, T);
+        tokio::spawn(async move {
+            // One byte every 20 s: progress each time, never a 30 s stall.
+            for _ in 0..10 {
+                if tx.send_data(Bytes::from_static(b"x")).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(20)).await;
+            }
+        });
+        let started = Instant::now();
+        let err = read_to_bytes(body, 1024).await.unwrap_err();
+        assert!(matches!(err, BodyError::Stalled(d) if d == T), "{err}");
+        assert_eq!(started.elapsed(), T);
+    }
     use http_body_util::channel::Channel;
     use std::convert::Infallible;
 
@@ -177,8 +209,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_frame_restarts_the_clock() {
         let (mut tx, rx) = Channel::<Bytes, Infallible>::new(1);
-        let (body, stall) = DeadlineBody::new(rx, T);
-        let reader = tokio::spawn(read_to_bytes(body, 1 << 20));
+        let (mut body, stall) = DeadlineBody::new(rx, T);
+        // A streamed body (read frame by frame, as the upstream client does); a buffered one
+        // also has a total bound (`read_to_bytes`).
+        let reader = tokio::spawn(async move {
+            let mut n = 0;
+            while let Some(frame) = body.frame().await {
+                n += frame?.into_data().map_or(0, |d| d.len());
+            }
+            Ok::<_, BodyError>(n)
+        });
         // Ten chunks, each arriving just inside the timeout: 290 s in all, never stalled.
         for _ in 0..10 {
             tokio::time::sleep(T - Duration::from_secs(1)).await;
@@ -187,8 +227,7 @@ mod tests {
                 .unwrap();
         }
         drop(tx);
-        let bytes = reader.await.unwrap().unwrap();
-        assert_eq!(bytes.len(), 100);
+        assert_eq!(reader.await.unwrap().unwrap(), 100);
         assert!(!stall.fired());
     }
 

@@ -104,8 +104,9 @@ pub(crate) fn transfer_encoding_is_plain_chunked(headers: &HeaderMap) -> bool {
 /// Cross-site means `Sec-Fetch-Site: cross-site`, or an `Origin` that is `null`, not an
 /// `http`/`https` origin, or whose host (port and trailing dot ignored, case-insensitive) is
 /// neither the request's own host name, nor a loopback name, nor an `allowed_hosts` name.
-/// Browsers send `Origin` with every cross-origin request and with same-origin non-GET ones;
-/// ordinary HTTP clients send neither header, so applications are not affected.
+/// Browsers send `Origin` with CORS and non-GET/HEAD requests but not with simple GET/HEAD
+/// loads, which `Sec-Fetch-Site` covers (docs/spec.md §5 states the limit); ordinary HTTP
+/// clients send neither header, so applications are not affected.
 pub(crate) fn cross_site(
     headers: &HeaderMap,
     request_host: Option<&str>,

@@ -282,7 +282,11 @@ async fn serve<C>(
 {
     let mut conn = std::pin::pin!(conn);
     let limits = &conns.limits;
-    let watchdog = conn::watchdog(tracker, limits.header_read_timeout, limits.idle_timeout);
+    let watchdog = conn::watchdog(
+        tracker.clone(),
+        limits.header_read_timeout,
+        limits.idle_timeout,
+    );
     let mut watchdog = std::pin::pin!(watchdog);
     let mut draining = false;
     loop {
@@ -302,10 +306,16 @@ async fn serve<C>(
                 conn.as_mut().graceful_shutdown();
                 draining = true;
             }
-            _ = evicted.cancelled() => {
-                // Idle by construction (only idle connections are evicted): nothing is lost.
-                tracing::debug!(%peer, "closing an idle connection to make room for a newer one");
-                return;
+            _ = evicted.cancelled(), if !draining => {
+                // Chosen because it was idle, but the admission decision and this task run on
+                // different workers: a request may have started in between. Cutting it could
+                // drop a request the upstream already acted on, so a busy connection drains.
+                if tracker.is_idle() {
+                    tracing::debug!(%peer, "closing an idle connection to make room for a newer one");
+                    return;
+                }
+                conn.as_mut().graceful_shutdown();
+                draining = true;
             }
             _ = conns.stop.cancelled(), if !draining => {
                 conn.as_mut().graceful_shutdown();

@@ -153,29 +153,44 @@ impl PeerTable {
         tracker: Arc<Tracker>,
     ) -> Result<(u64, CancellationToken), Refused> {
         let own = self.peers.get(&peer).map_or(0, Vec::len);
-        let victim_peer = if own >= self.per_peer {
-            Some(peer)
+        // Whose connections may make room: this peer's own at its limit; at the listener's
+        // limit, every peer's, the one holding the most first (ties broken by address so the
+        // choice does not depend on hash order), so that one peer's busy connections never
+        // keep out a newcomer while another peer has an idle one.
+        let candidates: Vec<IpAddr> = if own >= self.per_peer {
+            vec![peer]
         } else if self.total >= self.max {
-            // The peer holding the most connections; ties broken by address so the choice does
-            // not depend on hash order.
-            self.peers
-                .iter()
-                .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(a.0)))
-                .map(|(ip, _)| *ip)
+            let mut by_count: Vec<(usize, IpAddr)> =
+                self.peers.iter().map(|(ip, e)| (e.len(), *ip)).collect();
+            by_count.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            by_count.into_iter().map(|(_, ip)| ip).collect()
         } else {
-            None
+            Vec::new()
         };
-        if let Some(vp) = victim_peer {
-            let entries = self.peers.get_mut(&vp).ok_or(Refused::NoIdleConnection)?;
-            let kept_alive = entries
-                .iter()
-                .position(|e| e.tracker.is_kept_alive_idle(KEPT_ALIVE_QUIET));
-            let fresh = || {
-                self.evict_fresh
-                    .then(|| entries.iter().position(|e| e.tracker.is_idle()))
-                    .flatten()
+        if !candidates.is_empty() {
+            let evict_fresh = self.evict_fresh;
+            // Prefer a connection kept alive and quiet (any candidate peer) over a fresh one
+            // that has not sent a request yet.
+            let pick = |entries: &Vec<Entry>, fresh: bool| {
+                entries.iter().position(|e| {
+                    if fresh {
+                        e.tracker.is_idle()
+                    } else {
+                        e.tracker.is_kept_alive_idle(KEPT_ALIVE_QUIET)
+                    }
+                })
             };
-            let oldest_idle = kept_alive.or_else(fresh).ok_or(Refused::NoIdleConnection)?;
+            let found = [false, true]
+                .into_iter()
+                .filter(|fresh| !fresh || evict_fresh)
+                .find_map(|fresh| {
+                    candidates.iter().find_map(|vp| {
+                        let entries = self.peers.get(vp)?;
+                        pick(entries, fresh).map(|i| (*vp, i))
+                    })
+                });
+            let (vp, oldest_idle) = found.ok_or(Refused::NoIdleConnection)?;
+            let entries = self.peers.get_mut(&vp).ok_or(Refused::NoIdleConnection)?;
             let victim = entries.remove(oldest_idle);
             victim.evict.cancel();
             self.total -= 1;
@@ -255,6 +270,25 @@ mod tests {
         assert!(attacker[0].is_cancelled());
         assert!(!probe.is_cancelled());
         assert_eq!(t.total, 5);
+    }
+
+    #[test]
+    fn at_the_listener_cap_a_smaller_peer_makes_room_when_the_largest_is_busy() {
+        let mut t = PeerTable::new(4, 4, true);
+        let busy: Vec<_> = (0..3).map(|_| Tracker::new()).collect();
+        let _in_flight: Vec<_> = busy
+            .iter()
+            .map(|b| b.request_started(&mut http::Request::new(())))
+            .collect();
+        for b in &busy {
+            t.admit(ip(9), b.clone()).unwrap();
+        }
+        let other = t.admit(ip(1), Tracker::new()).unwrap().1;
+        // Full (4), the largest peer all busy: the other peer's idle connection makes room.
+        t.admit(ip(5), Tracker::new()).unwrap();
+        assert!(other.is_cancelled());
+        assert_eq!(t.count(ip(9)), 3);
+        assert_eq!(t.total, 4);
     }
 
     #[test]

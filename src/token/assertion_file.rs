@@ -42,7 +42,7 @@ pub(crate) enum AssertionFileError {
     #[error("token.client_assertion_file {path}: the JWT has no numeric exp claim")]
     NoExp { path: String },
     #[error(
-        "token.client_assertion_file {path}: the JWT expired at {at} (exp {exp}); not sent within clock_skew_tolerance ({tolerance_secs} s) of exp, and the re-read file is no newer"
+        "token.client_assertion_file {path}: the JWT expired at {at} (exp {exp}); not sent within {tolerance_secs} s of exp (clock_skew_tolerance + request_timeout), and the re-read file is no newer"
     )]
     Expired {
         path: String,

@@ -312,7 +312,9 @@ impl TokenClient {
             AuthMethod::ClientAssertionFile => ClientAuth::AssertionFile {
                 file: crate::token::assertion_file::AssertionFile::new(
                     cfg.client_assertion_file.clone().unwrap_or_default(),
-                    cfg.clock_skew_tolerance,
+                    // The attempt may take up to request_timeout to reach the server, whose
+                    // clock may run clock_skew_tolerance ahead: the JWT must outlive both.
+                    cfg.clock_skew_tolerance.saturating_add(cfg.request_timeout),
                 ),
                 assertion_type: cfg.client_assertion_type.clone(),
             },

@@ -96,8 +96,10 @@ pub(crate) fn check_document(
     };
     // RFC 8414 §3.3 and OIDC Discovery §4.3: the document speaks for this issuer only, or a
     // compromised or misrouted server could point the client's credentials anywhere. Only a
-    // trailing slash may differ (operators write it either way; servers echo their own form).
-    if found.trim_end_matches('/') != issuer.trim_end_matches('/') {
+    // trailing slash may differ (operators write it either way; servers echo their own form),
+    // one, not several.
+    let one = |s: &str| s.strip_suffix('/').unwrap_or(s).to_owned();
+    if one(found) != one(issuer) {
         return Err(DiscoveryError::IssuerMismatch {
             url: url(),
             found: redact_url(found),
