@@ -73,6 +73,8 @@ struct ConnLimits {
     max_concurrent_streams: u32,
     h2_stream_window: u32,
     h2_connection_window: u32,
+    /// Cut a connection whose request has moved no bytes for this long (the admin listener).
+    write_stall: Option<Duration>,
 }
 
 /// What every connection task of one server shares: the signals to drain and to cut, the
@@ -102,6 +104,7 @@ impl Connections {
                 max_concurrent_streams: limits.max_concurrent_streams,
                 h2_stream_window: H2_STREAM_WINDOW,
                 h2_connection_window: H2_CONNECTION_WINDOW,
+                write_stall: None,
             },
         }
     }
@@ -117,6 +120,9 @@ impl Connections {
                 max_concurrent_streams: ADMIN_MAX_STREAMS,
                 h2_stream_window: ADMIN_H2_WINDOW,
                 h2_connection_window: ADMIN_H2_WINDOW,
+                // Its answers are ready at once: a client not reading them for as long as it
+                // may take to send a head is holding a probe's slot.
+                write_stall: Some(admin.header_read_timeout),
                 ..self.limits
             },
             ..self.clone()
@@ -286,6 +292,7 @@ async fn serve<C>(
         tracker.clone(),
         limits.header_read_timeout,
         limits.idle_timeout,
+        limits.write_stall,
     );
     let mut watchdog = std::pin::pin!(watchdog);
     let mut draining = false;
@@ -299,8 +306,9 @@ async fn serve<C>(
             }
             why = &mut watchdog, if !draining => {
                 tracing::debug!(%peer, reason = ?why, "closing connection");
-                if why == Verdict::HeaderTimeout {
-                    // A client stalling its request head gets no more of our time.
+                if matches!(why, Verdict::HeaderTimeout | Verdict::Stalled) {
+                    // A client stalling its request head, or not reading its answer, gets no
+                    // more of our time (a graceful drain would wait on it).
                     return;
                 }
                 conn.as_mut().graceful_shutdown();

@@ -151,6 +151,9 @@ pub(crate) enum Verdict {
     HeaderTimeout,
     /// No request in flight and no bytes moved for `idle_timeout`.
     Idle,
+    /// A request in flight and no bytes moved for the write-stall bound (admin listener only):
+    /// a client that stops reading its answer (a zero HTTP/2 window, a full receive buffer).
+    Stalled,
 }
 
 /// Pure: whether a connection in state `s` must be closed.
@@ -158,9 +161,18 @@ pub(crate) fn verdict(
     s: Snapshot,
     header_read_timeout: Duration,
     idle_timeout: Duration,
+    write_stall: Option<Duration>,
 ) -> Verdict {
     if s.in_flight > 0 {
-        return Verdict::Keep;
+        // A proxy request may be silent for as long as its upstream thinks (route.timeout
+        // bounds that); an admin answer is ready at once, so silence means the client stopped
+        // reading and holds its slot for nothing.
+        return match write_stall {
+            Some(bound) if s.now_ms.saturating_sub(s.last_io_ms) >= bound.as_millis() as u64 => {
+                Verdict::Stalled
+            }
+            _ => Verdict::Keep,
+        };
     }
     if let Some(started) = s.head_started_ms
         && s.now_ms.saturating_sub(started) >= header_read_timeout.as_millis() as u64
@@ -180,11 +192,17 @@ pub(crate) async fn watchdog(
     tracker: Arc<Tracker>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
+    write_stall: Option<Duration>,
 ) -> Verdict {
     let tick = (header_read_timeout.min(idle_timeout) / 4).max(Duration::from_millis(50));
     loop {
         tokio::time::sleep(tick).await;
-        let v = verdict(tracker.snapshot(), header_read_timeout, idle_timeout);
+        let v = verdict(
+            tracker.snapshot(),
+            header_read_timeout,
+            idle_timeout,
+            write_stall,
+        );
         if v != Verdict::Keep {
             return v;
         }
@@ -333,7 +351,7 @@ mod tests {
     #[test]
     fn a_request_in_flight_is_never_cut() {
         assert_eq!(
-            verdict(snap(999_999, 0, Some(0), 1), S(1), S(1)),
+            verdict(snap(999_999, 0, Some(0), 1), S(1), S(1), None),
             Verdict::Keep
         );
     }
@@ -342,11 +360,11 @@ mod tests {
     fn a_slow_head_is_cut_after_the_header_timeout_even_while_bytes_trickle() {
         // Bytes arrived 100 ms ago, but the head started 10 s ago.
         assert_eq!(
-            verdict(snap(10_000, 9_900, Some(0), 0), S(10), S(60)),
+            verdict(snap(10_000, 9_900, Some(0), 0), S(10), S(60), None),
             Verdict::HeaderTimeout
         );
         assert_eq!(
-            verdict(snap(9_999, 9_900, Some(0), 0), S(10), S(60)),
+            verdict(snap(9_999, 9_900, Some(0), 0), S(10), S(60), None),
             Verdict::Keep
         );
     }
@@ -354,14 +372,17 @@ mod tests {
     #[test]
     fn an_idle_connection_is_cut_after_the_idle_timeout_not_the_header_timeout() {
         assert_eq!(
-            verdict(snap(30_000, 0, None, 0), S(10), S(60)),
+            verdict(snap(30_000, 0, None, 0), S(10), S(60), None),
             Verdict::Keep
         );
         assert_eq!(
-            verdict(snap(60_000, 0, None, 0), S(10), S(60)),
+            verdict(snap(60_000, 0, None, 0), S(10), S(60), None),
             Verdict::Idle
         );
         // And a short idle timeout with a long header timeout works too.
-        assert_eq!(verdict(snap(2_000, 0, None, 0), S(30), S(2)), Verdict::Idle);
+        assert_eq!(
+            verdict(snap(2_000, 0, None, 0), S(30), S(2), None),
+            Verdict::Idle
+        );
     }
 }

@@ -218,3 +218,55 @@ async fn the_admin_listener_cuts_silent_clients_after_its_own_head_timeout_and_r
     .await
     .expect("the test finished within its bound");
 }
+
+/// Clients that ask and then never read the answer (HTTP/2 with a zero stream window: the
+/// headers come back, the body cannot) hold requests in flight, which no eviction may touch.
+/// Filling the admin listener with them must not keep probes out: the admin listener cuts a
+/// connection whose request moved no bytes for its head timeout.
+#[tokio::test]
+async fn clients_that_never_read_their_answers_do_not_keep_healthz_out() {
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    timeout(TEST_BOUND, async {
+        let (sc, _keep) = sidecar(|a| {
+            a.max_connections = 8;
+            a.max_connections_per_peer = 8;
+            a.header_read_timeout = Duration::from_secs(1);
+        })
+        .await;
+        let mut stuck = Vec::new();
+        for _ in 0..8 {
+            let stream = connect_from(Ipv4Addr::new(127, 0, 0, 3), sc.admin)
+                .await
+                .unwrap();
+            let (mut h2, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(0)
+                .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .unwrap();
+            let driver = tokio::spawn(conn);
+            let req = http::Request::get("http://admin/healthz")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            // The head arrives; the body never can. Kept, so the stream stays open.
+            let resp = h2.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            stuck.push((h2, resp, driver));
+        }
+        // Longer than the head timeout (1 s) plus the watchdog's tick.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let (status, took) = healthz_from(Ipv4Addr::LOCALHOST, sc.admin).await;
+        eprintln!(
+            "8 non-reading HTTP/2 clients filled the admin cap: /healthz {status} in {took:?}"
+        );
+        assert_eq!(status, 200);
+        assert!(took < HEALTHZ_BOUND, "{took:?}");
+        let cut = stuck.iter().filter(|(_, _, d)| d.is_finished()).count();
+        assert_eq!(cut, 8, "every stalled connection was closed");
+        drop(stuck);
+        sc.stop().await;
+    })
+    .await
+    .expect("the test finished within its bound");
+}

@@ -230,7 +230,9 @@ impl OidcProvider {
             }
             Err(_) => {
                 let _ = child.start_kill();
-                panic!("the test authorization server did not print LISTENING within {START_BOUND:?}")
+                panic!(
+                    "the test authorization server did not print LISTENING within {START_BOUND:?}"
+                )
             }
         };
 
