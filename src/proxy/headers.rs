@@ -17,20 +17,55 @@ use super::routes::{LocalHosts, host_without_port};
 
 /// RFC 6750 §3.1: `WWW-Authenticate: Bearer error="invalid_token"` says the token itself was
 /// refused (expired, revoked), as opposed to `insufficient_scope` or a missing token.
+///
+/// Read from the value's bytes (a `realm` or `error_description` with non-ASCII bytes must not
+/// hide the error), and in any challenge of the list (RFC 9110 §11.6.1: `Basic realm="x",
+/// Bearer error="invalid_token"`): an element `scheme param` starts a challenge, an element
+/// `name=value` continues the current one.
 pub(crate) fn is_invalid_token_challenge(headers: &HeaderMap) -> bool {
     headers.get_all(WWW_AUTHENTICATE).iter().any(|v| {
-        let Ok(v) = v.to_str() else { return false };
-        let lower = v.to_ascii_lowercase();
-        let Some(rest) = lower.trim_start().strip_prefix("bearer") else {
-            return false;
-        };
-        rest.split(',').any(|param| {
-            let mut kv = param.splitn(2, '=');
-            let k = kv.next().unwrap_or("").trim();
-            let val = kv.next().unwrap_or("").trim().trim_matches('"');
-            k == "error" && val == "invalid_token"
-        })
+        let mut in_bearer = false;
+        for element in v.as_bytes().split(|b| *b == b',') {
+            let element = element.trim_ascii();
+            let eq = element.iter().position(|b| *b == b'=');
+            let space = element.iter().position(|b| *b == b' ');
+            let param = match space {
+                // `Scheme rest`: a new challenge whose first parameter is `rest`.
+                // (`name = value` is a parameter with blanks around `=`, not a scheme.)
+                Some(sp)
+                    if eq.is_none_or(|e| sp < e)
+                        && !element[sp..].trim_ascii_start().starts_with(b"=") =>
+                {
+                    in_bearer = element[..sp].eq_ignore_ascii_case(b"bearer");
+                    element[sp..].trim_ascii()
+                }
+                // A lone token: a challenge without parameters.
+                None if eq.is_none() => {
+                    in_bearer = element.eq_ignore_ascii_case(b"bearer");
+                    continue;
+                }
+                _ => element,
+            };
+            if in_bearer && is_error_invalid_token(param) {
+                return true;
+            }
+        }
+        false
     })
+}
+
+/// `error="invalid_token"` or `error=invalid_token`, blanks around `=` allowed.
+fn is_error_invalid_token(param: &[u8]) -> bool {
+    let Some(eq) = param.iter().position(|b| *b == b'=') else {
+        return false;
+    };
+    let name = param[..eq].trim_ascii();
+    let value = param[eq + 1..].trim_ascii();
+    let value = value
+        .strip_prefix(b"\"")
+        .and_then(|v| v.strip_suffix(b"\""))
+        .unwrap_or(value);
+    name.eq_ignore_ascii_case(b"error") && value == b"invalid_token"
 }
 
 /// Connection-level headers (RFC 9110 §7.6.1) apply to one hop only, and so do the
@@ -287,6 +322,21 @@ mod tests {
         assert!(!with(r#"Bearer error="insufficient_scope""#));
         assert!(!with(r#"Bearer realm="api""#));
         assert!(!with(r#"Basic realm="invalid_token""#));
+        assert!(!with(r#"Basic error="invalid_token""#));
         assert!(!is_invalid_token_challenge(&HeaderMap::new()));
+        // Bearer after another challenge in the same list; Bearer without parameters first.
+        assert!(with(r#"Basic realm="x", Bearer error="invalid_token""#));
+        assert!(with(r#"Bearer, Bearer realm="a", error="invalid_token""#));
+        assert!(!with(r#"Bearer realm="a", Basic error="invalid_token""#));
+        // Blanks around `=`, any case of the name.
+        assert!(with(r#"Bearer realm="a", Error = "invalid_token""#));
+        // Non-ASCII bytes elsewhere in the value do not hide the error.
+        let mut h = HeaderMap::new();
+        h.append(
+            WWW_AUTHENTICATE,
+            http::HeaderValue::from_bytes(b"Bearer realm=\"caf\xe9\", error=\"invalid_token\"")
+                .unwrap(),
+        );
+        assert!(is_invalid_token_challenge(&h));
     }
 }

@@ -21,7 +21,6 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
 
 use base64::Engine as _;
 use rustls::sign::CertifiedKey;
@@ -144,26 +143,12 @@ pub(crate) fn thumbprint(cert: &CertificateDer<'_>) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
 }
 
-/// A file version: symlinks followed, so a Kubernetes `..data` swap is a new inode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    dev: u64,
-    ino: u64,
-}
+/// A file version (symlinks followed, so a Kubernetes `..data` swap is a new inode): the key
+/// loader's stamp; `None` when the file cannot be stat'ed.
+type Stamp = crate::key::FileStamp;
 
-impl Stamp {
-    fn of(path: &Path) -> Option<Stamp> {
-        use std::os::unix::fs::MetadataExt as _;
-        let meta = std::fs::metadata(path).ok()?;
-        Some(Stamp {
-            modified: meta.modified().ok(),
-            len: meta.len(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-        })
-    }
+fn stamp(path: &Path) -> Option<Stamp> {
+    Stamp::of(path).ok()
 }
 
 struct State {
@@ -193,7 +178,7 @@ impl fmt::Debug for IdentitySource {
 impl IdentitySource {
     /// Loads the pair once; an unusable pair is an error (start-up refuses it).
     pub(crate) fn load(cert: &Path, key: &Path) -> Result<IdentitySource, IdentityError> {
-        let seen = (Stamp::of(cert), Stamp::of(key));
+        let seen = (stamp(cert), stamp(key));
         let current = Arc::new(ClientIdentity::load(cert, key)?);
         Ok(IdentitySource {
             cert: cert.to_path_buf(),
@@ -209,7 +194,7 @@ impl IdentitySource {
     /// The current pair and its generation, re-reading the files first when either changed.
     /// A changed pair that is unusable is warned about once and the last good pair stays.
     pub(crate) fn current(&self) -> (u64, Arc<ClientIdentity>) {
-        let now = (Stamp::of(&self.cert), Stamp::of(&self.key));
+        let now = (stamp(&self.cert), stamp(&self.key));
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if now != state.seen {
             // Recorded before the read, so a broken version is tried (and warned about) once.
