@@ -547,9 +547,13 @@ fn http_builder(cfg: &TokenConfig) -> Result<reqwest::ClientBuilder, ClientBuild
         .user_agent(concat!("token-sidecar/", env!("CARGO_PKG_VERSION")))
         .pool_idle_timeout(Duration::from_secs(60));
     if let Some(ca) = &cfg.ca_file {
-        let pem = util::read_bounded(ca, MAX_FILE_BYTES)
-            .map_err(|e| ClientBuildError::Ca(format!("cannot read {}: {e}", ca.display())))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        // The same reader validation and the upstreams use (bounded, rustls-pki-types), so a
+        // bundle that passed validation cannot fail here on a parser difference.
+        let certs = crate::tls::load_certs(ca)
+            .map_err(|e| ClientBuildError::Ca(e.to_string()))?
+            .iter()
+            .map(|der| reqwest::Certificate::from_der(der.as_ref()))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ClientBuildError::Ca(format!("{}: {e}", ca.display())))?;
         // ca_only (docs/spec.md §4): a pinned private CA. With tls_certs_only reqwest
         // verifies against these roots alone instead of the platform verifier.
