@@ -50,6 +50,39 @@ pub(crate) fn read_bounded(path: &Path, limit: u64) -> io::Result<Zeroizing<Vec<
     Ok(bytes)
 }
 
+/// Why an HTTP response body was not read whole.
+#[derive(Debug)]
+pub(crate) enum ResponseReadError {
+    /// More than the limit (announced by `Content-Length`, or counted while reading).
+    TooLarge,
+    /// The connection failed mid-body; the text is [`reqwest_error`]'s (URL redacted).
+    Transport(String),
+}
+
+/// Reads a response body chunk by chunk up to `limit` bytes, so an endless or huge answer is
+/// cut at the bound instead of being buffered first. The one bounded reader for every HTTP
+/// body the sidecar takes in (token responses, discovery documents, the dev server's JWKS).
+pub(crate) async fn read_response_bounded(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, ResponseReadError> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(ResponseReadError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| ResponseReadError::Transport(reqwest_error(e)))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(ResponseReadError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// An error and its causes on one line. Top-level messages of reqwest and hyper are vague
 /// ("error sending request"); the causes say what happened. Causes already contained in the
 /// text so far are skipped.

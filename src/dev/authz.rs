@@ -169,20 +169,14 @@ async fn load_jwks(f: &DevFederation) -> Result<serde_json::Value, DevServerErro
         if !resp.status().is_success() {
             return Err(fail(format!("status {}", resp.status())));
         }
-        // Chunk by chunk, so an endless or huge answer is cut at the bound, not buffered first.
-        let mut resp = resp;
-        let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
+        crate::util::read_response_bounded(resp, MAX_JWKS_BYTES)
             .await
-            .map_err(|e| fail(crate::util::reqwest_error(e)))?
-        {
-            if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                return Err(fail(format!("larger than {MAX_JWKS_BYTES} bytes")));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        body
+            .map_err(|e| match e {
+                crate::util::ResponseReadError::TooLarge => {
+                    fail(format!("larger than {MAX_JWKS_BYTES} bytes"))
+                }
+                crate::util::ResponseReadError::Transport(t) => fail(t),
+            })?
     } else {
         crate::util::read_bounded(std::path::Path::new(&f.jwks), MAX_JWKS_BYTES as u64)
             .map_err(|e| fail(e.to_string()))?

@@ -430,7 +430,7 @@ impl TokenClient {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = read_bounded(response, self.max_response_bytes)
+        let body = read_body(response, self.max_response_bytes)
             .await
             .map_err(|error| AttemptError { error, retry_after })?;
         let result = parse_response(
@@ -576,25 +576,14 @@ pub(crate) fn retry_policy(cfg: &TokenConfig) -> RetryPolicy {
     }
 }
 
-async fn read_bounded(
-    mut response: reqwest::Response,
-    limit: usize,
-) -> Result<Vec<u8>, FetchError> {
-    if response.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(FetchError::TooLarge { limit });
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
+/// The bounded body reader, its failures as fetch errors.
+async fn read_body(response: reqwest::Response, limit: usize) -> Result<Vec<u8>, FetchError> {
+    util::read_response_bounded(response, limit)
         .await
-        .map_err(|e| FetchError::Transport(reqwest_error(e)))?
-    {
-        if body.len() + chunk.len() > limit {
-            return Err(FetchError::TooLarge { limit });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+        .map_err(|e| match e {
+            util::ResponseReadError::TooLarge => FetchError::TooLarge { limit },
+            util::ResponseReadError::Transport(t) => FetchError::Transport(t),
+        })
 }
 
 #[cfg(test)]

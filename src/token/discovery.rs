@@ -236,7 +236,7 @@ impl Discovery {
             url: redact_url(url.as_str()),
             reason,
         };
-        let mut response = self
+        let response = self
             .http
             .get(url.clone())
             .header(reqwest::header::ACCEPT, "application/json")
@@ -246,21 +246,14 @@ impl Discovery {
         if !response.status().is_success() {
             return Err(fail(format!("HTTP {}", response.status().as_u16())));
         }
-        let too_large = || fail(format!("document larger than {MAX_DOCUMENT_BYTES} bytes"));
-        if response
-            .content_length()
-            .is_some_and(|n| n > MAX_DOCUMENT_BYTES as u64)
-        {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| fail(reqwest_error(e)))? {
-            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        crate::util::read_response_bounded(response, MAX_DOCUMENT_BYTES)
+            .await
+            .map_err(|e| match e {
+                crate::util::ResponseReadError::TooLarge => {
+                    fail(format!("document larger than {MAX_DOCUMENT_BYTES} bytes"))
+                }
+                crate::util::ResponseReadError::Transport(t) => fail(t),
+            })
     }
 }
 
