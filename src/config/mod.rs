@@ -21,6 +21,8 @@ mod bounds;
 mod defaults;
 mod error;
 mod load;
+#[allow(dead_code)] // used by issue-13 work (route allow-lists, token endpoint)
+pub(crate) mod pattern;
 mod validate;
 
 use std::collections::BTreeMap;

@@ -81,6 +81,9 @@ pub struct Proxy {
     pub(crate) access_log: bool,
     /// Metrics for requests that matched no route.
     pub(crate) unmatched: RouteMetrics,
+    /// Every OAuth client and its token slots (fixed and run-time).
+    #[allow(dead_code)] // interface stub, used by issue-13 work
+    pub(crate) clients: Arc<crate::token::registry::Clients>,
 }
 
 /// What the phases learn about one request, for the last phase to log.

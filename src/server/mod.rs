@@ -31,6 +31,7 @@ use crate::proxy::{Listener, Proxy};
 use crate::token::TokenKey;
 use crate::token::cache::{CacheBuilder, Policy, TokenCache};
 use crate::token::client::{ClientBuildError, Endpoint, TokenClient};
+use crate::token::registry::{ClientTokens, Clients, DEFAULT_CLIENT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -98,7 +99,15 @@ impl Sidecar {
                 Route::from_config(r, &config.token, slot, m)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let cache = Arc::new(slots.start(client));
+        let fetch_duration = slots.fetch_duration().clone();
+        let cache = Arc::new(slots.start(client.clone()));
+        let clients = Arc::new(Clients::new(vec![Arc::new(ClientTokens::new(
+            DEFAULT_CLIENT,
+            config.token.clone(),
+            client,
+            fetch_duration,
+            cache.slots().to_vec(),
+        ))]));
 
         let main = bind(config.proxy.listen, "proxy.listen").await?;
         let admin = bind(config.admin.listen, "admin.listen").await?;
@@ -114,6 +123,7 @@ impl Sidecar {
             body_read_timeout: config.proxy.body_read_timeout,
             access_log: config.log.access_log,
             unmatched: metrics.route("-", None),
+            clients,
         });
         Ok(Sidecar {
             config,

@@ -305,6 +305,11 @@ impl Slot {
         }
     }
 
+    /// The (scope set, audience set) this slot holds a token for.
+    pub(crate) fn key(&self) -> &TokenKey {
+        &self.key
+    }
+
     /// The cached token, if it may still be sent at `now`.
     fn usable(&self, now: Instant) -> Option<Arc<CachedToken>> {
         self.current.load_full().filter(|t| t.is_usable(now))
@@ -551,6 +556,19 @@ async fn supervise<F: Fetch>(slot: Arc<Slot>, fetcher: Arc<F>, fetch_duration: H
         tracing::error!(key = %slot.key, how, restart_in = ?pause, "token refresher stopped; restarting it");
         tokio::time::sleep(pause).await;
     }
+}
+
+/// A slot created at run time (not known at start), with its supervised refresher already
+/// started; dropping the returned handle's `abort` stops it. Used by `registry`.
+pub(crate) fn start_runtime_slot<F: Fetch>(
+    key: TokenKey,
+    policy: Policy,
+    fetcher: Arc<F>,
+    fetch_duration: Histogram,
+) -> (Arc<Slot>, JoinHandle<()>) {
+    let slot = Arc::new(Slot::new(key, policy));
+    let task = tokio::spawn(supervise(slot.clone(), fetcher, fetch_duration));
+    (slot, task)
 }
 
 /// Collects the slots the routes need, one per distinct key, before anything runs: routes are

@@ -27,6 +27,8 @@ pub(crate) mod gate;
 pub(crate) mod mtls;
 #[cfg(test)]
 mod props;
+#[allow(dead_code)] // interface stub, used by issue-13 work
+pub(crate) mod registry;
 pub(crate) mod response;
 #[cfg(test)]
 mod sim;
