@@ -194,7 +194,7 @@ fn hot_path(c: &mut Criterion) {
         b.iter_batched(
             || downstream_request(&headers).into_parts().0,
             |mut parts| {
-                phases::upstream_request(route, &mut parts).expect("mappable");
+                phases::upstream_request(route, &mut parts, &ctx).expect("mappable");
                 phases::authorize(&mut parts, &lease);
                 parts
             },
@@ -212,7 +212,7 @@ fn hot_path(c: &mut Criterion) {
                     .expect("ready")
                     .expect("token");
                 let (mut parts, _) = req.into_parts();
-                phases::upstream_request(route, &mut parts).expect("mappable");
+                phases::upstream_request(route, &mut parts, &ctx).expect("mappable");
                 phases::authorize(&mut parts, &lease);
                 parts
             },

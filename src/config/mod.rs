@@ -24,6 +24,7 @@ mod load;
 #[allow(dead_code)] // used by issue-13 work (route allow-lists, token endpoint)
 pub(crate) mod pattern;
 mod validate;
+pub(crate) mod wildcard;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -337,6 +338,14 @@ pub struct RouteConfig {
     /// Trust only `ca_file` for this upstream, not the public roots (a pinned private CA).
     #[serde(default)]
     pub ca_only: bool,
+    // Per-request targets (issue 13 item 2; docs/spec.md §4).
+    /// Audiences a request may ask for with `token-sidecar-audience` (exact strings or `*`
+    /// patterns, config::pattern); empty: the header is refused on this route.
+    #[serde(default)]
+    pub allow_audiences: Vec<String>,
+    /// Scopes a request may ask for with `token-sidecar-scope`; empty: the header is refused.
+    #[serde(default)]
+    pub allow_scopes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

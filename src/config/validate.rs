@@ -52,6 +52,7 @@ impl Config {
         self.validate_allowed_hosts(&mut p);
         self.validate_token(&mut p);
         self.validate_routes(&mut p);
+        self.validate_route_targets(&mut p);
         self.validate_client_certs(&mut p);
         p.0.extend(super::bounds::problems(self));
         if p.0.is_empty() {
@@ -327,7 +328,8 @@ impl Config {
                     );
                 }
             }
-            match Url::parse(&r.upstream) {
+            // A wildcard route's `{host}`/`{label}` upstream is checked as a request fills it.
+            match Url::parse(&super::wildcard::sample_upstream(r)) {
                 Err(e) => p.add(k("upstream"), format!("not a valid URL: {e}")),
                 Ok(u) => {
                     match u.scheme() {
@@ -385,6 +387,85 @@ impl Config {
 }
 
 impl Config {
+    /// Per-request targets and wildcard host routes (docs/spec.md §4): allow-lists are valid
+    /// patterns (scopes also scope tokens), at most [`MAX_ALLOW`] each; a wildcard host is
+    /// `*.NAME` or `**.NAME` on the main listener; `{host}`/`{label}` appear only on wildcard
+    /// routes, and in `upstream` only in its authority.
+    fn validate_route_targets(&self, p: &mut Problems) {
+        use super::pattern::Pattern;
+        use super::wildcard::{HostPattern, Template, has_braces, placeholders_only_in_authority};
+        for (i, r) in self.route.iter().enumerate() {
+            let k = |field: &str| format!("route[{i}].{field}");
+            for (field, list) in [
+                ("allow_audiences", &r.allow_audiences),
+                ("allow_scopes", &r.allow_scopes),
+            ] {
+                if list.len() > MAX_ALLOW {
+                    p.add(k(field), format!("at most {MAX_ALLOW} entries"));
+                }
+                for (j, entry) in list.iter().enumerate() {
+                    let key = format!("route[{i}].{field}[{j}]");
+                    if let Err(e) = Pattern::parse(entry) {
+                        p.add(key, format!("not a valid pattern: it {e}"));
+                    } else if field == "allow_scopes" && !is_scope_token(entry) {
+                        p.add(
+                            key,
+                            "must be a scope without spaces, quotes or backslashes (RFC 6749 §3.3), `*` allowed",
+                        );
+                    }
+                }
+            }
+            let wildcard = match r.host.as_deref().and_then(HostPattern::parse) {
+                Some(Err(why)) => {
+                    p.add(k("host"), why);
+                    false
+                }
+                Some(Ok(_)) => true,
+                None => {
+                    if r.host.as_deref().is_some_and(|h| h.contains('*')) {
+                        p.add(
+                            k("host"),
+                            "`*` is allowed only as the first label: `*.` or `**.`",
+                        );
+                    }
+                    false
+                }
+            };
+            if wildcard && r.listen.is_some() {
+                p.add(
+                    k("host"),
+                    "a wildcard host is matched on the main listener only; drop listen",
+                );
+            }
+            let mut check = |key: String, value: &str| {
+                if !has_braces(value) {
+                    return;
+                }
+                if !wildcard {
+                    p.add(
+                        key,
+                        "{host} and {label} need a wildcard host (host = \"*.NAME\" or \"**.NAME\")",
+                    );
+                } else if let Err(e) = Template::parse(value) {
+                    p.add(key, e);
+                }
+            };
+            check(k("upstream"), &r.upstream);
+            for (j, s) in r.scope.iter().enumerate() {
+                check(format!("route[{i}].scope[{j}]"), s);
+            }
+            for (j, a) in r.audience.iter().enumerate() {
+                check(format!("route[{i}].audience[{j}]"), a);
+            }
+            if wildcard && !placeholders_only_in_authority(&r.upstream) {
+                p.add(
+                    k("upstream"),
+                    "{host} and {label} may only stand in the URL's authority (scheme://HOST:PORT)",
+                );
+            }
+        }
+    }
+
     /// RFC 8705 client certificates (token side and per route): set in pairs, loadable, the
     /// key matching the certificate, and only over TLS. A bad pair is named by the key at fault.
     fn validate_client_certs(&self, p: &mut Problems) {
@@ -474,6 +555,10 @@ const RESERVED_PARAMS: &[&str] = &[
     "audience",
     "resource",
 ];
+
+/// Most entries in one route's `allow_audiences` or `allow_scopes`: each value of a request
+/// is matched against every entry.
+const MAX_ALLOW: usize = 64;
 
 /// RFC 6749 §3.3: `scope-token = 1*( %x21 / %x23-5B / %x5D-7E )`.
 fn is_scope_token(s: &str) -> bool {

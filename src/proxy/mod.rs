@@ -33,6 +33,7 @@ pub(crate) mod headers;
 mod props;
 pub(crate) mod respond;
 pub(crate) mod routes;
+pub(crate) mod targets;
 pub(crate) mod upstream;
 
 use std::sync::Arc;
@@ -41,7 +42,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, HOST};
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::uri::Authority;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -53,9 +55,12 @@ use self::headers::{
 };
 use self::respond::{ERROR_HEADER, ProxyError, TokenFailure, error_response};
 use self::routes::{HostSource, Miss, RequestHost, Route, RouteTable, check_path};
+use self::targets::TargetError;
 use self::upstream::UpstreamBody;
+use crate::config::wildcard::Fill;
 use crate::metrics::RouteMetrics;
-use crate::token::cache::{Lease, Rejection};
+use crate::token::TokenKey;
+use crate::token::cache::{Lease, Rejection, Slot};
 use crate::util::error_chain;
 
 /// What the proxy answers with: the upstream's streamed body, or a small body of its own.
@@ -82,7 +87,7 @@ pub struct Proxy {
     /// Metrics for requests that matched no route.
     pub(crate) unmatched: RouteMetrics,
     /// Every OAuth client and its token slots (fixed and run-time).
-    #[allow(dead_code)] // interface stub, used by issue-13 work
+    #[allow(dead_code)] // read by the loopback token endpoint (issue 13 item 5)
     pub(crate) clients: Arc<crate::token::registry::Clients>,
 }
 
@@ -96,6 +101,13 @@ pub struct Ctx<'a> {
     replayed: bool,
     /// Copies the access log needs after the request is handed on; `None` when it is off.
     access: Option<AccessFields>,
+    /// A wildcard route's upstream authority and `Host` for this request (phase 1 → 2).
+    upstream: Option<(Authority, HeaderValue)>,
+    /// The token key this request chose (headers, templates), when not the route's fixed one
+    /// (phase 1 → 3).
+    key: Option<TokenKey>,
+    /// The run-time slot phase 3 took for `key` (phase 3 → 4: evictions go to it).
+    slot: Option<Arc<Slot>>,
 }
 
 /// What the access log needs from the request itself.
@@ -114,6 +126,9 @@ impl<'a> Ctx<'a> {
             route: None,
             token_cached: None,
             replayed: false,
+            upstream: None,
+            key: None,
+            slot: None,
             access: access_log.then(|| AccessFields {
                 method: req.method().clone(),
                 path: req.uri().path().to_owned(),
@@ -195,7 +210,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let route = self.route(listener, &req, ctx)?;
         let (mut parts, body) = req.into_parts();
-        upstream_request(route, &mut parts)?;
+        upstream_request(route, &mut parts, ctx)?;
         let (body, stall) = DeadlineBody::new(body, self.body_read_timeout);
         let (body, kept) = prepare_body(body, self.retry_body_limit).await?;
         let lease = token(route, ctx).await?;
@@ -212,7 +227,9 @@ impl Proxy {
 
     /// Phase 1: the route for a request, or why there is none. Checks, in order, on every
     /// listener: body framing, the Host header's form, the method (`CONNECT`, `TRACE`), the
-    /// path, cross-site web pages; then the route (docs/spec.md §4, §5).
+    /// path, cross-site web pages; then the route (docs/spec.md §4, §5), and last the target
+    /// the request chooses (per-request headers, a wildcard route's templates): refused here,
+    /// before any body is read or any token fetched.
     pub fn route<'a, B>(
         &'a self,
         listener: Listener,
@@ -257,6 +274,7 @@ impl Proxy {
             })?;
         let route = &self.table.routes[i];
         ctx.route = Some(route);
+        choose_target(route, host.value, req.headers(), ctx)?;
         Ok(route)
     }
 
@@ -288,9 +306,74 @@ impl Proxy {
     }
 }
 
-/// Phase 3: the route's token, straight from the cache when one is usable.
+/// Phase 1, the target: on a fixed route (no allow-lists, no wildcard) only a check that the
+/// request names none; otherwise the key the request chose and, on a wildcard route with a
+/// templated upstream, the upstream's authority for this host.
+fn choose_target(
+    route: &Route,
+    host: Option<&str>,
+    headers: &http::HeaderMap,
+    ctx: &mut Ctx<'_>,
+) -> Result<(), ProxyError> {
+    let Some(t) = &route.targets else {
+        return match targets::has_target_headers(headers) {
+            true => Err(ProxyError::TargetNotAllowed(
+                "this route takes no token-sidecar-audience or token-sidecar-scope header",
+            )),
+            false => Ok(()),
+        };
+    };
+    let fill = routes::wildcard_fill(route, host);
+    if route.wildcard.is_some() && fill.is_none() {
+        // Routing chose the route for this host, so it matches; kept as a guard.
+        return Err(ProxyError::NoRoute);
+    }
+    let fill = fill.as_ref().map(|(name, label_len)| Fill {
+        host: name,
+        label: &name[..*label_len],
+    });
+    ctx.key = targets::choose_key(t, headers, fill).map_err(|e| match e {
+        TargetError::BadRequest(why) => ProxyError::BadRequest(why),
+        TargetError::NotAllowed(why) => ProxyError::TargetNotAllowed(why),
+    })?;
+    ctx.upstream = match (fill, &route.upstream_template) {
+        (Some(fill), Some(template)) => {
+            let text = template.render(fill);
+            // A DNS name in a validated authority template: always parses; refused otherwise.
+            let bad =
+                || ProxyError::BadRequest("the request host cannot be mapped onto the upstream");
+            let authority = Authority::try_from(text.as_str()).map_err(|_| bad())?;
+            let host = HeaderValue::from_str(&text).map_err(|_| bad())?;
+            Some((authority, host))
+        }
+        // A fixed upstream behind a wildcard (a gateway routing by name) is sent the name.
+        (Some(fill), None) => Some((
+            route.upstream_authority.clone(),
+            HeaderValue::from_str(fill.host).map_err(|_| {
+                ProxyError::BadRequest("the request host cannot be mapped onto the upstream")
+            })?,
+        )),
+        (None, _) => None,
+    };
+    Ok(())
+}
+
+/// Phase 3: the token, straight from the cache when one is usable: the route's fixed slot, or
+/// for a key the request chose, its client's slot for that key.
 pub async fn token(route: &Route, ctx: &mut Ctx<'_>) -> Result<Lease, ProxyError> {
-    let lease = route.slot.token().await.map_err(token_failure)?;
+    let lease = match (ctx.key.take(), &route.slot) {
+        (None, Some(slot)) => slot.token().await,
+        (Some(key), _) => {
+            let slot = route.client.slot(key);
+            ctx.slot = Some(slot.clone());
+            slot.token().await
+        }
+        (None, None) => {
+            // Templated routes always choose a key in phase 1.
+            return Err(ProxyError::BadRequest("no token key for this request"));
+        }
+    }
+    .map_err(token_failure)?;
     ctx.token_cached = Some(lease.cached);
     Ok(lease)
 }
@@ -301,16 +384,27 @@ fn token_failure(e: crate::token::cache::TokenError) -> ProxyError {
 
 /// Phase 2: turns the downstream request head into the upstream's: URI onto the upstream's base
 /// path, HTTP/1.1 (the pooled client speaks HTTP/2 to the upstream when ALPN says so, whatever
-/// the downstream used), hop-by-hop headers dropped, `Host` set to the upstream's authority.
-pub fn upstream_request(route: &Route, parts: &mut Parts) -> Result<(), ProxyError> {
+/// the downstream used), hop-by-hop headers and the per-request target headers dropped, `Host`
+/// set to the upstream's authority (a wildcard route's: the one phase 1 chose for this host).
+pub fn upstream_request(route: &Route, parts: &mut Parts, ctx: &Ctx<'_>) -> Result<(), ProxyError> {
+    let (authority, host) = match &ctx.upstream {
+        Some((a, h)) => (a.clone(), h.clone()),
+        None => (
+            route.upstream_authority.clone(),
+            route.upstream_host.clone(),
+        ),
+    };
     parts.uri = route
-        .upstream_uri(parts.uri.path(), parts.uri.query())
+        .upstream_uri_at(authority, parts.uri.path(), parts.uri.query())
         .map_err(|_| {
             ProxyError::BadRequest("the request target cannot be mapped onto the upstream")
         })?;
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(HOST, route.upstream_host.clone());
+    // On every route: the choice is the sidecar's business, never the upstream's.
+    parts.headers.remove(targets::AUDIENCE_HEADER);
+    parts.headers.remove(targets::SCOPE_HEADER);
+    parts.headers.insert(HOST, host);
     Ok(())
 }
 
@@ -351,14 +445,19 @@ pub(crate) async fn send_with_replay(
 ) -> Result<Response<Incoming>, ProxyError> {
     // Only a request that can be replayed needs its head kept.
     let replay = kept.map(|bytes| (clone_parts(&parts), bytes));
+    // The slot phase 3 took the token from: a request's own key's, else the route's.
+    let runtime = ctx.slot.clone();
+    let Some(slot) = runtime.as_deref().or(route.slot.as_deref()) else {
+        return Err(ProxyError::BadRequest("no token key for this request"));
+    };
     let resp = send(route, parts, body, &lease).await?;
     let rejected = resp.status() == StatusCode::UNAUTHORIZED
         && (route.retry_on_401 || is_invalid_token_challenge(resp.headers()));
     if !rejected {
-        token_worked(route, &resp, &lease);
+        token_worked(slot, &resp, &lease);
         return Ok(resp);
     }
-    match route.slot.reject(&lease.token) {
+    match slot.reject(&lease.token) {
         Rejection::Held => return Ok(resp),
         Rejection::Evicted => route.metrics.eviction(),
         Rejection::Stale => {}
@@ -368,18 +467,18 @@ pub(crate) async fn send_with_replay(
     };
     tracing::info!(route = %route.name, "upstream rejected the token; replaying once with a fresh one");
     drop(resp);
-    let fresh = route.slot.token().await.map_err(token_failure)?;
+    let fresh = slot.token().await.map_err(token_failure)?;
     ctx.replayed = true;
     let resp = send(route, parts, Either::Right(Full::new(bytes)), &fresh).await?;
-    token_worked(route, &resp, &fresh);
+    token_worked(slot, &resp, &fresh);
     Ok(resp)
 }
 
 /// A response below 400 means the upstream took the token: after an eviction that ends the
 /// streak of rejected tokens (docs/spec.md §3). One atomic load when no eviction is pending.
-fn token_worked<B>(route: &Route, resp: &Response<B>, lease: &Lease) {
+fn token_worked<B>(slot: &Slot, resp: &Response<B>, lease: &Lease) {
     if resp.status().as_u16() < 400 {
-        route.slot.accepted(&lease.token);
+        slot.accepted(&lease.token);
     }
 }
 

@@ -34,6 +34,9 @@ pub enum ProxyError {
     /// A request from a cross-site web page.
     #[error("{0}")]
     Forbidden(&'static str),
+    /// A per-request audience or scope the route does not allow (docs/spec.md §4).
+    #[error("{0}")]
+    TargetNotAllowed(&'static str),
     #[error("the request body made no progress for {0:?}")]
     RequestTimeout(std::time::Duration),
     #[error("{0}")]
@@ -79,6 +82,7 @@ impl ProxyError {
             }
             ProxyError::Misdirected => (StatusCode::MISDIRECTED_REQUEST, "misdirected_request"),
             ProxyError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ProxyError::TargetNotAllowed(_) => (StatusCode::FORBIDDEN, "target_not_allowed"),
             ProxyError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ProxyError::Token(TokenFailure(TokenError::Fetch { error, .. }))
                 if error.kind() == FailureKind::Rejected =>
@@ -208,6 +212,11 @@ mod tests {
             (ProxyError::BadFraming("bad"), 400, "bad_request"),
             (ProxyError::Misdirected, 421, "misdirected_request"),
             (ProxyError::Forbidden("no"), 403, "forbidden"),
+            (
+                ProxyError::TargetNotAllowed("no"),
+                403,
+                "target_not_allowed",
+            ),
             (
                 ProxyError::RequestTimeout(Duration::from_secs(30)),
                 408,

@@ -12,28 +12,45 @@ use std::sync::Arc;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri};
 
+use super::targets::RouteTargets;
 use super::upstream::Upstream;
 use crate::config::RouteConfig;
+use crate::config::pattern::Pattern;
+use crate::config::wildcard::{HostPattern, Template, dns_name, has_braces};
 use crate::metrics::RouteMetrics;
+use crate::token::TokenKey;
 use crate::token::cache::Slot;
+use crate::token::registry::ClientTokens;
 
 /// A route as the proxy uses it.
 #[derive(Debug)]
 pub struct Route {
     pub(crate) name: Arc<str>,
+    /// The exact host the route names (normalized); `None` for path and wildcard routes.
     pub(crate) host: Option<String>,
+    /// `host = "*.NAME"` / `"**.NAME"` (docs/spec.md §4, wildcard host routes).
+    pub(crate) wildcard: Option<HostPattern>,
     pub(crate) path_prefix: Option<String>,
     /// Served on its own `listen` port only, never matched on the main listener.
     pub(crate) dedicated: bool,
     pub(crate) strip_prefix: bool,
     pub(crate) upstream_scheme: Scheme,
     pub(crate) upstream_authority: Authority,
+    /// A wildcard route's upstream authority with `{host}`/`{label}`, filled per request.
+    pub(crate) upstream_template: Option<Template>,
     /// `Host` header value for the upstream, prepared once.
     pub(crate) upstream_host: HeaderValue,
     /// The upstream URL's path without a trailing slash ("" for the root).
     pub(crate) upstream_base_path: String,
-    /// Where this route's token comes from; shared by routes with the same sets.
-    pub(crate) slot: Arc<Slot>,
+    /// Where this route's token comes from when the request chooses nothing; shared by routes
+    /// with the same sets. `None` when the route's own sets have templates (every request then
+    /// has its own key).
+    pub(crate) slot: Option<Arc<Slot>>,
+    /// The OAuth client whose run-time slots serve per-request keys.
+    pub(crate) client: Arc<ClientTokens>,
+    /// Allow-lists and templated defaults; `None` on a fixed route, whose requests all use
+    /// `slot` without a lookup.
+    pub(crate) targets: Option<Box<RouteTargets>>,
     /// The pooled client to this route's upstream.
     pub(crate) upstream: Upstream,
     /// Evict and replay on any 401, not only on a Bearer `invalid_token` challenge.
@@ -48,21 +65,45 @@ pub struct RouteError {
     pub(crate) message: String,
 }
 
+/// The key of the slot a route's requests use when they choose nothing, or `None` when the
+/// route's `scope`/`audience` hold templates (validation allows them on wildcard routes only).
+pub(crate) fn fixed_key(cfg: &RouteConfig) -> Option<TokenKey> {
+    let templated = cfg.scope.iter().chain(&cfg.audience).any(|v| has_braces(v));
+    (!templated).then(|| TokenKey::new(&cfg.scope, &cfg.audience))
+}
+
 impl Route {
-    /// The route for `cfg`, taking its token from `slot` and recording into `metrics`;
-    /// `token` supplies the client certificate of a route with `use_token_client_cert`.
+    /// The route for `cfg`, taking its token from `slot` (see [`fixed_key`]) or `client`'s
+    /// run-time slots and recording into `metrics`; `token` supplies the client certificate of
+    /// a route with `use_token_client_cert`.
     pub(crate) fn from_config(
         cfg: &RouteConfig,
         token: &crate::config::TokenConfig,
-        slot: Arc<Slot>,
+        slot: Option<Arc<Slot>>,
+        client: Arc<ClientTokens>,
         metrics: RouteMetrics,
     ) -> Result<Route, RouteError> {
         let err = |message: String| RouteError {
             route: cfg.name.clone(),
             message,
         };
-        let uri: Uri = cfg
-            .upstream
+        let wildcard = match cfg.host.as_deref().and_then(HostPattern::parse) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => return Err(err(format!("host: {e}"))),
+        };
+        let template = |v: &str| Template::parse(v).map_err(|e| err(format!("{v:?}: {e}")));
+        let upstream_template = match &wildcard {
+            Some(_) if has_braces(&cfg.upstream) => {
+                // Validation keeps placeholders in the authority; the rest is fixed.
+                let rest = cfg.upstream.split_once("://").map_or("", |(_, r)| r);
+                let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+                Some(template(&rest[..end])?)
+            }
+            _ => None,
+        };
+        let upstream_text = crate::config::wildcard::sample_upstream(cfg);
+        let uri: Uri = upstream_text
             .parse()
             .map_err(|e| err(format!("upstream: {e}")))?;
         let scheme = uri
@@ -75,20 +116,67 @@ impl Route {
             .ok_or_else(|| err("upstream has no host".into()))?;
         let upstream_host = HeaderValue::from_str(authority.as_str())
             .map_err(|e| err(format!("upstream host: {e}")))?;
+        let scope = cfg
+            .scope
+            .iter()
+            .map(|s| template(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let audience = cfg
+            .audience
+            .iter()
+            .map(|a| template(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let templated = scope.iter().chain(&audience).any(Template::is_templated);
+        let pattern = |p: &String| Pattern::parse(p).map_err(|e| err(format!("{p:?}: {e}")));
+        let allow_audiences = cfg
+            .allow_audiences
+            .iter()
+            .map(pattern)
+            .collect::<Result<Vec<_>, _>>()?;
+        let allow_scopes = cfg
+            .allow_scopes
+            .iter()
+            .map(pattern)
+            .collect::<Result<Vec<_>, _>>()?;
+        let targets = (wildcard.is_some()
+            || !allow_audiences.is_empty()
+            || !allow_scopes.is_empty())
+        .then(|| {
+            Box::new(RouteTargets {
+                allow_audiences,
+                allow_scopes,
+                scope,
+                audience,
+                templated,
+            })
+        });
+        if slot.is_none() && !templated {
+            return Err(err(
+                "a route without templates needs its fixed token slot".into()
+            ));
+        }
         let identity = crate::token::mtls::load_route_identity(cfg, token)
             .map_err(|e| err(format!("client certificate: {e}")))?;
         let upstream = Upstream::new(cfg, identity).map_err(|e| err(e.to_string()))?;
         Ok(Route {
             name: Arc::from(cfg.name.as_str()),
-            host: cfg.host.as_deref().map(normalize_host),
+            host: cfg
+                .host
+                .as_deref()
+                .filter(|_| wildcard.is_none())
+                .map(normalize_host),
+            wildcard,
             path_prefix: cfg.path_prefix.clone(),
             dedicated: cfg.listen.is_some(),
             strip_prefix: cfg.strip_prefix,
             upstream_scheme: scheme,
             upstream_authority: authority,
+            upstream_template,
             upstream_host,
             upstream_base_path: uri.path().trim_end_matches('/').to_string(),
             slot,
+            client,
+            targets,
             upstream,
             retry_on_401: cfg.retry_on_401,
             metrics,
@@ -99,7 +187,18 @@ impl Route {
     ///
     /// The path has already been checked by [`check_path`]; the result always starts with the
     /// upstream's base path, so a request cannot reach outside it.
+    #[cfg(test)]
     pub(crate) fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        self.upstream_uri_at(self.upstream_authority.clone(), path, query)
+    }
+
+    /// [`Route::upstream_uri`] onto `authority` (a wildcard route's, filled per request).
+    pub(crate) fn upstream_uri_at(
+        &self,
+        authority: Authority,
+        path: &str,
+        query: Option<&str>,
+    ) -> Result<Uri, http::Error> {
         let rest = match (&self.path_prefix, self.strip_prefix) {
             (Some(prefix), true) => strip_segment_prefix(path, prefix).unwrap_or(path),
             _ => path,
@@ -118,7 +217,7 @@ impl Route {
         }
         Uri::builder()
             .scheme(self.upstream_scheme.clone())
-            .authority(self.upstream_authority.clone())
+            .authority(authority)
             .path_and_query(PathAndQuery::try_from(pq)?)
             .build()
     }
@@ -450,18 +549,28 @@ impl RouteTable {
         path: &str,
     ) -> Option<usize> {
         // Per request: compare borrowed slices; route hosts were normalized at start-up.
+        let raw = host;
         let host = host.map(host_without_port);
-        let mut best: Option<(usize, (bool, usize))> = None;
+        // The strict DNS form wildcards compare against, computed once and only when a
+        // wildcard route is looked at.
+        let mut name: Option<Option<String>> = None;
+        let mut best: Option<(usize, (u8, usize, usize))> = None;
         for &i in &self.main {
             let r = &self.routes[i];
-            let host_ok = match (&r.host, host) {
-                (None, _) => path_routes,
-                (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
-                (Some(_), None) => false,
+            let host_rank = match (&r.host, &r.wildcard, host) {
+                (Some(want), _, Some(got)) if want.eq_ignore_ascii_case(got) => (2, 0),
+                (Some(_), _, _) => continue,
+                (None, Some(p), Some(_)) => {
+                    let n = name.get_or_insert_with(|| raw.and_then(dns_name));
+                    if n.as_deref().is_none_or(|n| p.matches(n).is_none()) {
+                        continue;
+                    }
+                    (1, p.rank())
+                }
+                (None, Some(_), None) => continue,
+                (None, None, _) if path_routes => (0, 0),
+                (None, None, _) => continue,
             };
-            if !host_ok {
-                continue;
-            }
             let prefix_len = match &r.path_prefix {
                 None => 0,
                 Some(p) => match strip_segment_prefix(path, p) {
@@ -469,7 +578,7 @@ impl RouteTable {
                     None => continue,
                 },
             };
-            let rank = (r.host.is_some(), prefix_len);
+            let rank = (host_rank.0, host_rank.1, prefix_len);
             if best.is_none_or(|(_, b)| rank > b) {
                 best = Some((i, rank));
             }
@@ -478,11 +587,20 @@ impl RouteTable {
     }
 }
 
+/// What a wildcard route's request fills the templates with: the request host as a strict DNS
+/// name and the part the wildcard matched. `None` for other routes, or a host that does not
+/// match (routing would not have chosen the route).
+pub(crate) fn wildcard_fill(route: &Route, raw_host: Option<&str>) -> Option<(String, usize)> {
+    let p = route.wildcard.as_ref()?;
+    let name = dns_name(raw_host?)?;
+    let label_len = p.matches(&name)?.len();
+    Some((name, label_len))
+}
+
 /// A table built from `[[route]]` TOML text, each route with its own unregistered metrics and
 /// a slot of a cache that is never started: for the unit and property tests.
 #[cfg(test)]
 pub(crate) fn table(routes: &str) -> RouteTable {
-    use crate::token::TokenKey;
     use crate::token::cache::{CacheBuilder, Policy};
     let cfg = crate::config::from_toml_str(&format!(
         "[token]\ntoken_url = \"https://idp.example.com/t\"\nclient_id = \"c\"\n\
@@ -490,13 +608,27 @@ pub(crate) fn table(routes: &str) -> RouteTable {
     ))
     .expect("route config is valid");
     let mut cache = CacheBuilder::new(Policy::from_config(&cfg.token));
+    let fetcher = Arc::new(crate::token::client::TokenClient::new(&cfg.token).expect("client"));
+    let client = Arc::new(ClientTokens::new(
+        crate::token::registry::DEFAULT_CLIENT,
+        cfg.token.clone(),
+        fetcher,
+        cache.fetch_duration().clone(),
+        Vec::new(),
+    ));
     let routes = cfg
         .route
         .iter()
         .map(|r| {
-            let slot = cache.slot(TokenKey::new(&r.scope, &r.audience));
-            Route::from_config(r, &cfg.token, slot, RouteMetrics::unregistered())
-                .expect("route builds")
+            let slot = fixed_key(r).map(|k| cache.slot(k));
+            Route::from_config(
+                r,
+                &cfg.token,
+                slot,
+                client.clone(),
+                RouteMetrics::unregistered(),
+            )
+            .expect("route builds")
         })
         .collect();
     RouteTable::new(routes, &cfg.proxy.allowed_hosts)

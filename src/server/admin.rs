@@ -70,7 +70,8 @@ impl Admin {
         let now = Instant::now();
         let mut waiting = Vec::new();
         for route in &self.proxy.table.routes {
-            if let Err(reason) = route.slot.readiness(now) {
+            // A route whose sets are templates has no fixed token to wait for.
+            if let Some(Err(reason)) = route.slot.as_ref().map(|s| s.readiness(now)) {
                 waiting.push(json!({"route": &*route.name, "reason": reason}));
             }
         }

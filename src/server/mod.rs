@@ -26,9 +26,8 @@ use self::accept::{Admission, Connections, accept_loop};
 use self::admin::Admin;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::routes::{Route, RouteError, RouteTable};
+use crate::proxy::routes::{Route, RouteError, RouteTable, fixed_key};
 use crate::proxy::{Listener, Proxy};
-use crate::token::TokenKey;
 use crate::token::cache::{CacheBuilder, Policy, TokenCache};
 use crate::token::client::{ClientBuildError, Endpoint, TokenClient};
 use crate::token::registry::{ClientTokens, Clients, DEFAULT_CLIENT};
@@ -90,24 +89,46 @@ impl Sidecar {
         // refreshers start once every route has its slot.
         let mut slots = CacheBuilder::new(Policy::from_config(&config.token));
         let metrics = Arc::new(Metrics::new(slots.fetch_duration()));
-        let routes = config
+        // A route whose sets hold `{host}`/`{label}` templates has no fixed slot: each request
+        // fills them and takes a run-time slot of its client.
+        let fixed: Vec<_> = config
             .route
             .iter()
             .map(|r| {
-                let slot = slots.slot(TokenKey::new(&r.scope, &r.audience));
-                let m = metrics.route(&r.name, Some(&slot));
-                Route::from_config(r, &config.token, slot, m)
+                let slot = fixed_key(r).map(|k| slots.slot(k));
+                let m = metrics.route(&r.name, slot.as_ref());
+                (slot, m)
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        let fetch_duration = slots.fetch_duration().clone();
-        let cache = Arc::new(slots.start(client.clone()));
+            .collect();
+        // The client's fixed slots are the builder's (equal sets share one), known before any
+        // refresher starts, so a route that fails to build below has fetched nothing.
+        let mut known: Vec<Arc<crate::token::cache::Slot>> = Vec::new();
+        for slot in fixed.iter().filter_map(|(s, _)| s.as_ref()) {
+            if !known.iter().any(|k| Arc::ptr_eq(k, slot)) {
+                known.push(slot.clone());
+            }
+        }
         let clients = Arc::new(Clients::new(vec![Arc::new(ClientTokens::new(
             DEFAULT_CLIENT,
             config.token.clone(),
-            client,
-            fetch_duration,
-            cache.slots().to_vec(),
+            client.clone(),
+            slots.fetch_duration().clone(),
+            known,
         ))]));
+        // Every route uses the default client until routes name theirs (issue 13 item 1).
+        let default_client = clients
+            .get(DEFAULT_CLIENT)
+            .expect("the default client was just built")
+            .clone();
+        let routes = config
+            .route
+            .iter()
+            .zip(fixed)
+            .map(|(r, (slot, m))| {
+                Route::from_config(r, &config.token, slot, default_client.clone(), m)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cache = Arc::new(slots.start(client));
 
         let main = bind(config.proxy.listen, "proxy.listen").await?;
         let admin = bind(config.admin.listen, "admin.listen").await?;
