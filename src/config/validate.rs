@@ -1052,4 +1052,84 @@ upstream = "https://a.example.com"
             "{err}"
         );
     }
+
+    /// The keys of every problem a route block adds to MINIMAL's token section.
+    fn route_problems(routes: &str) -> Vec<String> {
+        let text = format!(
+            "[token]\ntoken_url = \"https://idp.example.com/t\"\nclient_id = \"c\"\n\
+             auth_method = \"client_secret_post\"\nclient_secret = \"s\"\n{routes}"
+        );
+        match super::super::from_toml_str(&text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems.iter().map(|p| p.key.clone()).collect(),
+        }
+    }
+
+    #[test]
+    fn allow_lists_and_wildcard_routes_are_checked() {
+        let ok = r#"
+[[route]]
+name = "a"
+path_prefix = "/a/"
+upstream = "https://a.example.com"
+allow_audiences = ["https://*.svc.cluster.local/", "api://orders"]
+allow_scopes = ["orders:*"]
+[[route]]
+name = "w"
+host = "*.svc.cluster.local"
+upstream = "https://{host}:8443/base"
+audience = ["https://{host}/"]
+scope = ["{label}:read"]
+[[route]]
+name = "m"
+host = "**.mesh.internal"
+upstream = "https://gateway.internal"
+"#;
+        assert_eq!(route_problems(ok), Vec::<String>::new());
+        let bad = r#"
+[[route]]
+name = "a"
+path_prefix = "/a/"
+upstream = "https://{host}"
+allow_audiences = ["", "*"]
+allow_scopes = ["a\"b"]
+audience = ["https://{host}/"]
+[[route]]
+name = "w"
+host = "*.svc.cluster.local"
+upstream = "https://x.example.com/{label}"
+audience = ["https://{port}/"]
+[[route]]
+name = "d"
+host = "*.svc.cluster.local"
+listen = "127.0.0.1:0"
+upstream = "https://x.example.com"
+[[route]]
+name = "s"
+host = "api.*.example.com"
+upstream = "https://x.example.com"
+[[route]]
+name = "i"
+host = "*.127.0.0.1"
+upstream = "https://x.example.com"
+"#;
+        let mut got = route_problems(bad);
+        got.sort();
+        got.dedup();
+        assert_eq!(
+            got,
+            [
+                "route[0].allow_audiences[0]",
+                "route[0].allow_audiences[1]",
+                "route[0].allow_scopes[0]",
+                "route[0].audience[0]",
+                "route[0].upstream",
+                "route[1].audience[0]",
+                "route[1].upstream",
+                "route[2].host",
+                "route[3].host",
+                "route[4].host",
+            ]
+        );
+    }
 }

@@ -321,3 +321,110 @@ proptest! {
         prop_assert!(check_path(&path).is_err(), "accepted {:?}", path);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Wildcard host routes
+// ---------------------------------------------------------------------------------------------
+
+const WILDCARD_ROUTES: &str = r#"
+[[route]]
+name = "one"
+host = "*.svc.cluster.local"
+upstream = "https://{host}"
+audience = ["https://{host}/"]
+
+[[route]]
+name = "many"
+host = "**.mesh.internal"
+upstream = "https://{label}.mesh.internal:8443"
+
+[[route]]
+name = "local"
+path_prefix = "/"
+upstream = "https://local.example.com"
+"#;
+
+fn wildcard_table() -> &'static RouteTable {
+    static TABLE: std::sync::OnceLock<RouteTable> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| table(WILDCARD_ROUTES))
+}
+
+/// An independent statement of which hosts a wildcard may answer: after dropping a port of
+/// digits and one trailing dot, lowercase, `LABELS.suffix` where every label is 1–63 of
+/// `[a-z0-9-]` not starting or ending with `-`, at most 253 bytes, and (for `*.`) one label.
+fn oracle(host: &str, suffix: &str, many: bool) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((n, port)) if port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit()) => n,
+        Some(_) => return false,
+        None => host,
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    let Some(labels) = name.strip_suffix(suffix) else {
+        return false;
+    };
+    let ok_label = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    name.len() <= 253 && labels.split('.').all(ok_label) && (many || !labels.contains('.'))
+}
+
+fn wildcard_host_input() -> BoxedStrategy<String> {
+    let prefix = prop_oneof![
+        3 => "[a-zA-Z0-9-]{1,12}(\\.[a-zA-Z0-9-]{1,12}){0,2}",
+        2 => "[a-z0-9#/?@:\\[\\]_. \\\\-]{0,16}",
+        1 => any::<String>(),
+        1 => "[a-z]{60,70}",
+    ];
+    let suffix = prop::sample::select(vec![
+        ".svc.cluster.local",
+        ".SVC.Cluster.local",
+        ".svc.cluster.local.",
+        ".svc.cluster.local..",
+        ".svc.cluster.local:8443",
+        ".svc.cluster.local:",
+        ".svc.cluster.local:x",
+        "svc.cluster.local",
+        ".svc.cluster.local.evil.com",
+        ".mesh.internal",
+        ".mesh.internal:1",
+        "",
+    ]);
+    (prefix, suffix)
+        .prop_map(|(p, s)| format!("{p}{s}"))
+        .boxed()
+}
+
+proptest! {
+    #![proptest_config(cases(1024))]
+
+    /// A wildcard route answers exactly the hosts the oracle allows, whatever the host source;
+    /// a host outside the pattern never reaches it (docs/reliability.md §5, no open proxy).
+    #[test]
+    fn wildcards_answer_only_hosts_inside_the_pattern(
+        host in wildcard_host_input(),
+        source in prop::sample::select(vec![
+            HostSource::AbsoluteForm, HostSource::Authority, HostSource::Header,
+        ]),
+    ) {
+        let t = wildcard_table();
+        let req = RequestHost { value: Some(&host), source };
+        let got = t.resolve(None, req, "/x").ok().map(|i| &*t.routes[i].name);
+        let one = oracle(&host, ".svc.cluster.local", false);
+        let many = oracle(&host, ".mesh.internal", true);
+        match got {
+            Some("one") => prop_assert!(one, "{host:?} reached `*.svc.cluster.local`"),
+            Some("many") => prop_assert!(many, "{host:?} reached `**.mesh.internal`"),
+            _ => prop_assert!(!one && !many, "{host:?} missed its wildcard"),
+        }
+        if let Some(i) = t.resolve(None, req, "/x").ok().filter(|&i| t.routes[i].wildcard.is_some()) {
+            let (name, label) = super::routes::wildcard_fill(&t.routes[i], Some(&host))
+                .expect("a routed host fills its templates");
+            prop_assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'));
+            prop_assert!(label > 0 && label < name.len());
+        }
+    }
+}
