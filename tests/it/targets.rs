@@ -50,6 +50,9 @@ async fn provider() -> OidcProvider {
     .await
 }
 
+/// A refused request: path, extra headers, status, error code.
+type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, &'a str);
+
 fn get(target: &str, headers: &[(&str, &str)]) -> Vec<u8> {
     let mut s = format!("GET {target} HTTP/1.1\r\n");
     for (n, v) in headers {
@@ -207,7 +210,7 @@ async fn values_outside_the_allow_lists_are_403_and_fetch_nothing() {
             .join(" ");
         let long = format!("https://{}.svc.cluster.local/", "a".repeat(4100));
         let mixed = format!("{A} https://evil.com/");
-        let cases: Vec<(&str, Vec<(&str, &str)>, u16, &str)> = vec![
+        let cases: Vec<Case<'_>> = vec![
             (
                 "/orders/x",
                 vec![(
