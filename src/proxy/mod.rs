@@ -4,14 +4,18 @@
 //! 1. [`Proxy::route`]: refuse transfer codings other than `chunked` and `Content-Length` with
 //!    `Transfer-Encoding`, `CONNECT` and `TRACE`, paths with dot segments in any spelling, and
 //!    cross-site web pages; then pick the route (dedicated port, else host and longest path
-//!    prefix), answering only hosts that are local or named by a host route. Nothing is
-//!    forwarded without a route.
-//! 2. [`upstream_request`]: rewrite the URI onto the upstream, drop hop-by-hop headers, set
-//!    `Host` to the upstream's authority. [`prepare_body`] buffers a body of known size up to
+//!    prefix), answering only hosts that are local or named by a host route (exact or wildcard).
+//!    Nothing is forwarded without a route. Last, the request's target ([`targets`]): the token
+//!    key it chooses with `token-sidecar-audience`/`-scope` within the route's allow-lists, and
+//!    a wildcard route's `{host}`/`{label}`; refused (403/400) before anything is fetched.
+//! 2. [`upstream_request`]: rewrite the URI onto the upstream (a wildcard route's filled for
+//!    this host), drop hop-by-hop headers and the per-request target headers, set `Host` to the
+//!    upstream's authority. [`prepare_body`] buffers a body of known size up to
 //!    `retry_body_limit` so the request can be replayed once; anything larger or of unknown size
 //!    streams through untouched. Either way the body runs under `body_read_timeout`
 //!    ([`body`]): a stalled one ends the request with 408.
-//! 3. [`token`]: take the route's cached token, only now that a buffered body is in, so a slow
+//! 3. [`token`]: take the route's cached token (a fixed route: its slot, no lookup; a chosen
+//!    key: the route client's slot for it), only now that a buffered body is in, so a slow
 //!    body never holds a token past its usable life; wait for the refresher only when none is
 //!    usable. No token, no forwarding.
 //! 4. [`send_with_replay`]: set `Authorization` and send it on the route's pooled client,

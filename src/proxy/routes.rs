@@ -3,7 +3,9 @@
 //! Matching (docs/spec.md §4): a route's dedicated `listen` port takes everything arriving on it. On the
 //! main listener a route matches when its `host` (if set) equals the request's host and its
 //! `path_prefix` (if set) is a path-segment prefix of the request path; among matches, a route
-//! naming the host beats one that does not, then the longest prefix wins.
+//! naming the host beats one that does not, then the longest prefix wins. A wildcard `host`
+//! (`*.NAME`, `**.NAME`; config::wildcard) matches the request's host in strict DNS form only,
+//! and ranks below an exact host, above no host.
 //!
 //! Everything here is pure and allocation-light: the table is built once from the config.
 
