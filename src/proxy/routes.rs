@@ -920,6 +920,60 @@ upstream = "https://dedicated.example.com"
     }
 
     #[test]
+    fn exact_hosts_beat_wildcards_and_longer_wildcards_beat_shorter_ones() {
+        use HostSource::*;
+        let t = table(
+            r#"
+[[route]]
+name = "many"
+host = "**.cluster.local"
+upstream = "https://gw.example.com"
+[[route]]
+name = "one"
+host = "*.svc.cluster.local"
+upstream = "https://{host}"
+audience = ["https://{host}/"]
+[[route]]
+name = "exact"
+host = "orders.svc.cluster.local"
+upstream = "https://orders.example.com"
+[[route]]
+name = "path"
+path_prefix = "/"
+upstream = "https://local.example.com"
+"#,
+        );
+        for (host, want) in [
+            ("orders.svc.cluster.local", Ok("exact")),
+            ("billing.svc.cluster.local", Ok("one")),
+            ("a.b.svc.cluster.local", Ok("many")),
+            ("x.cluster.local:8443", Ok("many")),
+            ("localhost", Ok("path")),
+            ("cluster.local", Err(Miss::Misdirected)),
+            ("a@b.svc.cluster.local", Err(Miss::Misdirected)),
+        ] {
+            assert_eq!(
+                resolve(&t, None, Header, host, "/x"),
+                want.map(str::to_owned),
+                "{host}"
+            );
+        }
+        assert_eq!(
+            resolve(&t, None, AbsoluteForm, "evil.com#.svc.cluster.local", "/x"),
+            Err(Miss::NoRoute)
+        );
+        // The templated route has no fixed slot; the others do.
+        assert!(t.routes[1].slot.is_none() && t.routes[1].targets.is_some());
+        assert!(t.routes[2].slot.is_some() && t.routes[2].targets.is_none());
+        let (name, label) =
+            wildcard_fill(&t.routes[1], Some("Billing.SVC.cluster.local.:1")).expect("fills");
+        assert_eq!(
+            (name.as_str(), &name[..label]),
+            ("billing.svc.cluster.local", "billing")
+        );
+    }
+
+    #[test]
     fn hosts_are_normalized() {
         assert_eq!(normalize_host("Example.COM:8080"), "example.com");
         assert_eq!(normalize_host("example.com."), "example.com");
