@@ -7,7 +7,8 @@
 //! Layers, each a folder; dependencies point one way: key → token → proxy → server.
 //!
 //! - [`config`](crate::config) — `sidecar.toml` + `SIDECAR_*` environment: schema with its
-//!   defaults, loading, validation that names every bad key.
+//!   defaults, loading, validation that names every bad key; the pure grammars of allow-list
+//!   patterns and wildcard hosts with their `{host}`/`{label}` templates.
 //! - `key/` — the signing key: the one algorithm catalogue, decoding PEM and JWK files through
 //!   maintained crates, re-reading the file when it changes.
 //! - `token/` — the cache key and RFC 6749 response types, the RFC 7523 assertion (signed, or
@@ -16,7 +17,8 @@
 //!   schedule), the refresh-ahead cache with
 //!   its supervised refreshers, the per-key retry schedule, the eviction gate, the RFC 8705
 //!   client certificates (loaded, checked, re-read on rotation; also presented to upstreams).
-//! - `proxy/` — the request path as named phase functions, routes, header rules, the request
+//! - `proxy/` — the request path as named phase functions, routes, per-request targets
+//!   (audience/scope headers, wildcard fills), header rules, the request
 //!   body's progress deadline, the upstream pool, and the one place errors become responses.
 //! - `server/` — listeners, the one accept loop, admission by peer (evicting idle connections
 //!   before refusing), the per-connection watchdog, the scan of request heads for conflicting

@@ -13,6 +13,8 @@
 //!   each naming its key, so an operator fixes a broken file in one round trip.
 //! - `bounds.rs` holds the upper bound of every duration and size, so no configured value can
 //!   overflow deadline arithmetic or size a buffer absurdly.
+//! - `pattern.rs` and `wildcard.rs` hold the pure grammars validation and the proxy share:
+//!   allow-list patterns, wildcard hosts and their `{host}`/`{label}` templates.
 //!
 //! Invariants: a [`Config`] handed to the server has passed [`Config::validate`]; it is immutable
 //! for the life of the process; secrets never appear in its `Debug` or redacted TOML output.
