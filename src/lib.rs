@@ -50,7 +50,7 @@ mod util;
 pub use cli::main as run_cli;
 pub use config::{
     AdminConfig, AudienceParam, AuthMethod, Config, ConfigError, LogConfig, LogFormat, ProxyConfig,
-    RouteConfig, TokenConfig, from_toml_str,
+    RouteConfig, TokenConfig, TokenEndpointConfig, from_toml_str,
 };
 #[cfg(feature = "dev")]
 pub use dev::authz::{DevClient, DevFederation, DevServer, DevServerConfig};

@@ -32,3 +32,4 @@ mod reliability;
 mod routing;
 mod shutdown;
 mod streaming;
+mod token_endpoint;
