@@ -1,4 +1,4 @@
-//! The loopback token endpoint (docs/spec.md §8): an OAuth 2.0 token endpoint that tools which
+//! The loopback token endpoint (docs/spec.md, "Token endpoint on loopback"): an OAuth 2.0 token endpoint that tools which
 //! only accept a token URL (Prometheus' `oauth2` block, Grafana plugins, any OAuth library)
 //! point at, answered from the same token cache the proxy uses.
 //!

@@ -1,4 +1,4 @@
-//! docs/spec.md §8: the OAuth-compatible token endpoint on loopback. An unmodified OAuth2 client
+//! docs/spec.md, "Token endpoint on loopback": the OAuth-compatible token endpoint. An unmodified OAuth2 client
 //! library (the `oauth2` crate) gets tokens the real oidc-provider issued, from the cache; every
 //! refusal is an RFC 6749 §5.2 error and fetches nothing; hostile callers are bounded; the token
 //! never reaches the logs; a non-loopback address is refused.
@@ -508,7 +508,7 @@ async fn the_handed_out_token_never_reaches_the_logs() {
 }
 
 /// `token_endpoint.listen` on a non-loopback address: `check-config` and `run` exit 2 naming
-/// the key, like `dev` refuses one.
+/// the key, like `dev` refuses one; so does `run` for a `clients` entry that is no client.
 #[test]
 fn a_non_loopback_listen_is_refused_with_exit_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -539,4 +539,25 @@ fn a_non_loopback_listen_is_refused_with_exit_2() {
         assert!(err.contains("token_endpoint.listen"), "{err}");
         assert!(err.contains("loopback"), "{err}");
     }
+    // A client name that names no client: known once the clients are built, so `run` refuses it.
+    let text = SidecarConfig::new("http://127.0.0.1:1/token", fixture("ec_p256_sec1.pem"))
+        .route(crate::support::RouteBuilder::path(
+            "r",
+            "/r/",
+            "http://127.0.0.1:1",
+        ))
+        .token_endpoint(|te| {
+            te.listen = Some(LOOPBACK_ANY);
+            te.clients = vec!["nobody".into()];
+        })
+        .to_toml();
+    std::fs::write(&cfg, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_token-sidecar"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("token_endpoint.clients[0]"), "{err}");
 }
