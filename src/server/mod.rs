@@ -2,7 +2,8 @@
 //!
 //! [`Sidecar::bind`] builds the token client and the routes, each owning its upstream pool and
 //! its cache slot (one per distinct key), then starts the token cache (which prefetches every
-//! token at once) and binds all listeners, so a caller knows the real addresses before anything is
+//! token at once) and binds all listeners (the loopback token endpoint too, when
+//! `token_endpoint.listen` is set), so a caller knows the real addresses before anything is
 //! served (tests bind port 0). [`Sidecar::run`] accepts connections until the shutdown future
 //! resolves, then stops accepting, lets in-flight requests finish for up to `shutdown_grace`,
 //! and returns.
@@ -245,6 +246,9 @@ impl Sidecar {
             conns.admin(admin_limits),
         )));
         if let Some(listener) = self.token_endpoint {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "token endpoint serving POST /oauth2/token");
+            }
             let endpoint = Arc::new(TokenEndpoint::new(
                 self.proxy.clients.clone(),
                 &self.config.token_endpoint,

@@ -1,6 +1,7 @@
-//! The loopback token endpoint (docs/spec.md, "Token endpoint on loopback"): an OAuth 2.0 token endpoint that tools which
-//! only accept a token URL (Prometheus' `oauth2` block, Grafana plugins, any OAuth library)
-//! point at, answered from the same token cache the proxy uses.
+//! The loopback token endpoint (docs/spec.md, "Token endpoint on loopback"): an OAuth 2.0
+//! token endpoint that tools which only accept a token URL (Prometheus' `oauth2` block,
+//! Grafana plugins, any OAuth library) point at, answered from the same token cache the proxy
+//! uses.
 //!
 //! `POST /oauth2/token`, `application/x-www-form-urlencoded`, `grant_type=client_credentials`
 //! (RFC 6749 §4.4), `scope`, `audience` and `resource` (RFC 8707), `client_id` naming the

@@ -1,7 +1,7 @@
-//! docs/spec.md, "Token endpoint on loopback": the OAuth-compatible token endpoint. An unmodified OAuth2 client
-//! library (the `oauth2` crate) gets tokens the real oidc-provider issued, from the cache; every
-//! refusal is an RFC 6749 §5.2 error and fetches nothing; hostile callers are bounded; the token
-//! never reaches the logs; a non-loopback address is refused.
+//! docs/spec.md, "Token endpoint on loopback": an unmodified OAuth2 client library (the
+//! `oauth2` crate) gets tokens the real oidc-provider issued, from the cache; every refusal is
+//! an RFC 6749 §5.2 error and fetches nothing; hostile callers are bounded; the token never
+//! reaches the logs; a non-loopback address is refused.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -377,6 +377,67 @@ async fn a_stalled_body_is_cut_after_the_body_read_timeout() {
     assert!(text.contains("invalid_request"), "{text}");
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(400), "{took:?}");
+}
+
+/// Callers holding every connection slot (`max_connections` = 2) with heads that trickle in:
+/// each is cut after `proxy.header_read_timeout`, and a caller waiting behind them is then
+/// served: the shared accept loop's limits apply to this listener.
+#[tokio::test]
+async fn slow_heads_holding_every_slot_are_cut_and_the_next_caller_served() {
+    let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(600))).await;
+    let up = Upstream::start().await;
+    let sc = Running::start(
+        with_endpoint(
+            orders_config(&idp.token_url(), &up.url(), |_| {}).proxy(|p| {
+                p.header_read_timeout = Duration::from_millis(500);
+            }),
+            &[],
+        )
+        .token_endpoint(|te| te.max_connections = 2),
+    )
+    .await;
+    let addr = sc.token_endpoint.unwrap();
+    let mut stallers = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /oauth2/token HTTP/1.1\r\nhost: local")
+            .await
+            .unwrap();
+        stallers.push(s);
+    }
+    // Give the accept loop time to admit both before the next caller queues behind them.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let served = tokio::time::timeout(
+        Duration::from_secs(10),
+        post(
+            &token_url(&sc),
+            "application/x-www-form-urlencoded",
+            "grant_type=client_credentials&scope=orders%3Aread",
+        ),
+    )
+    .await
+    .expect("the waiting caller was never served");
+    assert_eq!(served.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    for mut s in stallers {
+        let mut buf = [0u8; 256];
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let _ = s.write_all(b"h").await;
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "a slow head kept its connection");
+    }
 }
 
 /// Many distinct allowed audiences, each asked for twice at once: exactly one token request per
