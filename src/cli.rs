@@ -200,6 +200,7 @@ fn start_failure(e: &StartError, routes: &[String]) -> ExitCode {
             Some(i) => problem(&format!("route[{i}]"), r.message.clone()),
             None => problem("route", r.to_string()),
         }),
+        StartError::TokenEndpoint { key, message } => Some(problem(key, message.clone())),
         // Discovery failing is the issuer's or the network's state, not a typo (docs/spec.md §7).
         StartError::Client(ClientBuildError::Http(_) | ClientBuildError::Discovery(_))
         | StartError::Bind { .. } => None,

@@ -22,7 +22,8 @@
 //!   body's progress deadline, the upstream pool, and the one place errors become responses.
 //! - `server/` — listeners, the one accept loop, admission by peer (evicting idle connections
 //!   before refusing), the per-connection watchdog, the scan of request heads for conflicting
-//!   framing, the admin endpoints, graceful shutdown, the worst-case memory arithmetic (test).
+//!   framing, the admin endpoints, the loopback OAuth token endpoint, graceful shutdown, the
+//!   worst-case memory arithmetic (test).
 //! - `metrics` — Prometheus metrics; reads the token cache at scrape time, read by the server.
 //! - `dev/` (cargo feature `dev`, on by default) — `token-sidecar dev`: the strict development
 //!   authorization server and the echo upstream.
@@ -52,7 +53,7 @@ mod util;
 pub use cli::main as run_cli;
 pub use config::{
     AdminConfig, AudienceParam, AuthMethod, Config, ConfigError, LogConfig, LogFormat, ProxyConfig,
-    RouteConfig, TokenConfig, from_toml_str,
+    RouteConfig, TokenConfig, TokenEndpointConfig, from_toml_str,
 };
 #[cfg(feature = "dev")]
 pub use dev::authz::{DevClient, DevFederation, DevServer, DevServerConfig};

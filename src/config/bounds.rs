@@ -58,6 +58,12 @@ fn durations(c: &Config) -> Vec<(String, Duration, Duration)> {
     .into_iter()
     .map(|(k, d, max)| (k.to_owned(), d, max))
     .collect();
+    // A whole token request body is 8 KiB at most: a minute is generous.
+    v.push((
+        "token_endpoint.body_read_timeout".to_owned(),
+        c.token_endpoint.body_read_timeout,
+        MINUTE,
+    ));
     for (i, r) in c.route.iter().enumerate() {
         v.push((
             format!("route[{i}].connect_timeout"),
@@ -93,6 +99,11 @@ fn sizes(c: &Config) -> Vec<(&'static str, u64, u64)> {
             1_000_000,
         ),
         ("token.max_attempts", u64::from(t.max_attempts), 100),
+        (
+            "token_endpoint.max_connections",
+            n(c.token_endpoint.max_connections),
+            10_000,
+        ),
         // A token response is a few KiB.
         (
             "token.max_response_bytes",

@@ -13,7 +13,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{AdminConfig, AudienceParam, AuthMethod, LogConfig, LogFormat, ProxyConfig};
+use super::{
+    AdminConfig, AudienceParam, AuthMethod, LogConfig, LogFormat, ProxyConfig, TokenEndpointConfig,
+};
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -52,6 +54,21 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::default(),
             access_log: true,
+        }
+    }
+}
+
+impl Default for TokenEndpointConfig {
+    fn default() -> Self {
+        TokenEndpointConfig {
+            // Off: tokens are handed out without client authentication only where asked for.
+            listen: None,
+            allow_scopes: Vec::new(),
+            allow_audiences: Vec::new(),
+            clients: Vec::new(),
+            // The callers are the pod's own tools (a scraper, a plugin): a handful at once.
+            max_connections: 16,
+            body_read_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -153,6 +170,7 @@ mod tests {
     use serde::Deserialize;
     use serde::de::{self, Deserializer, Visitor};
 
+    use super::super::TokenEndpointConfig;
     use super::super::{
         AdminConfig, Config, LogConfig, ProxyConfig, RouteConfig, TokenConfig, load,
     };
@@ -207,6 +225,7 @@ upstream = "https://r.example.com"
             ("token", field_names::<TokenConfig>()),
             ("route", field_names::<RouteConfig>()),
             ("log", field_names::<LogConfig>()),
+            ("token_endpoint", field_names::<TokenEndpointConfig>()),
         ];
         let names: Vec<&str> = sections.iter().map(|(s, _)| *s).collect();
         let mut top = field_names::<Config>().to_vec();

@@ -58,6 +58,8 @@ pub struct Config {
     pub route: Vec<RouteConfig>,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub token_endpoint: TokenEndpointConfig,
 }
 
 /// `[proxy]`: the main listener and the limits that apply to every listener.
@@ -364,6 +366,29 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// One `info` event per request (target `token_sidecar::access`).
     pub access_log: bool,
+}
+
+/// `[token_endpoint]`: an OAuth-compatible token endpoint on loopback (docs/spec.md, token
+/// endpoint): `POST /oauth2/token` answered from the token cache, for tools that only accept a
+/// token URL.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenEndpointConfig {
+    /// Off unless set. A loopback address only: callers are not authenticated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Scopes a caller may ask for (exact strings or `*` patterns); empty: none (a request may
+    /// then only omit `scope`).
+    pub allow_scopes: Vec<String>,
+    /// Audiences (`audience` and `resource` values) a caller may ask for; empty: none.
+    pub allow_audiences: Vec<String>,
+    /// The clients (`client_id`) the endpoint serves; empty: every client.
+    pub clients: Vec<String>,
+    /// Connections served at once; further callers wait in the kernel backlog.
+    pub max_connections: usize,
+    /// A request body not complete this long after its head is refused (408).
+    #[serde(with = "duration_str")]
+    pub body_read_timeout: Duration,
 }
 
 /// Durations are written as strings like `"60s"`, `"5m"`, `"250ms"`.

@@ -54,6 +54,7 @@ impl Config {
         self.validate_routes(&mut p);
         self.validate_route_targets(&mut p);
         self.validate_client_certs(&mut p);
+        self.validate_token_endpoint(&mut p);
         p.0.extend(super::bounds::problems(self));
         if p.0.is_empty() {
             Ok(())
@@ -674,6 +675,55 @@ fn is_plain_http(url: &str) -> bool {
 
 /// The listeners' hardening limits (docs/spec.md §6): none may be zero, which would switch a
 /// protection off or refuse everything.
+impl Config {
+    /// `[token_endpoint]` (docs/spec.md, token endpoint). Which names `clients` may hold is
+    /// checked when the clients are built (`Sidecar::bind`), where every client is known.
+    fn validate_token_endpoint(&self, p: &mut Problems) {
+        let te = &self.token_endpoint;
+        if let Some(addr) = te.listen {
+            // Tokens are handed out without client authentication: only the pod may ask.
+            if !addr.ip().is_loopback() {
+                p.add(
+                    "token_endpoint.listen",
+                    format!(
+                        "must be a loopback address (127.0.0.1 or [::1]), not {addr}: the endpoint hands out tokens without client authentication"
+                    ),
+                );
+            }
+            if addr.port() != 0 && (addr == self.proxy.listen || addr == self.admin.listen) {
+                p.add(
+                    "token_endpoint.listen",
+                    "must differ from proxy.listen and admin.listen",
+                );
+            }
+        }
+        for (key, list) in [
+            ("token_endpoint.allow_scopes", &te.allow_scopes),
+            ("token_endpoint.allow_audiences", &te.allow_audiences),
+        ] {
+            for (i, s) in list.iter().enumerate() {
+                if let Err(e) = super::pattern::Pattern::parse(s) {
+                    p.add(format!("{key}[{i}]"), format!("{s:?} {e}"));
+                }
+            }
+        }
+        for (i, name) in te.clients.iter().enumerate() {
+            if name.trim().is_empty() {
+                p.add(format!("token_endpoint.clients[{i}]"), "must not be empty");
+            }
+        }
+        if te.max_connections == 0 {
+            p.add("token_endpoint.max_connections", "must be at least 1");
+        }
+        if te.body_read_timeout.is_zero() {
+            p.add(
+                "token_endpoint.body_read_timeout",
+                "must be greater than zero",
+            );
+        }
+    }
+}
+
 fn server_limits(c: &Config, p: &mut Problems) {
     // Upper bounds are in bounds.rs with every other key's.
     for (key, d) in [
@@ -705,6 +755,38 @@ fn server_limits(c: &Config, p: &mut Problems) {
 mod tests {
     use super::super::from_toml_str;
     use super::*;
+
+    #[test]
+    fn the_token_endpoint_listens_on_loopback_only_with_valid_patterns() {
+        let with =
+            |section: &str| format!("{}\n[token_endpoint]\n{section}", super::super::MINIMAL);
+        for ok in [
+            "listen = \"127.0.0.1:8081\"",
+            "listen = \"[::1]:8081\"",
+            "listen = \"127.0.0.2:0\"\nallow_scopes = [\"orders:*\"]",
+        ] {
+            assert!(from_toml_str(&with(ok)).is_ok(), "{ok}");
+        }
+        let err = from_toml_str(&with(
+            "listen = \"0.0.0.0:8081\"\nallow_scopes = [\"*\", \"a b\"]\nallow_audiences = [\"\"]\nclients = [\" \"]\nmax_connections = 0\nbody_read_timeout = \"0s\"",
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "token_endpoint.listen",
+                "token_endpoint.allow_scopes[0]",
+                "token_endpoint.allow_scopes[1]",
+                "token_endpoint.allow_audiences[0]",
+                "token_endpoint.clients[0]",
+                "token_endpoint.max_connections",
+                "token_endpoint.body_read_timeout",
+            ]
+        );
+        let err = from_toml_str(&with("listen = \"10.0.0.1:8081\"")).unwrap_err();
+        assert!(err.to_string().contains("loopback"), "{err}");
+    }
 
     #[test]
     fn every_problem_is_reported_with_its_key() {

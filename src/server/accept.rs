@@ -62,6 +62,9 @@ pub(crate) const ADMIN_MAX_HEADER_BYTES: usize = 8192;
 const ADMIN_MAX_HEADERS: usize = 32;
 pub(crate) const ADMIN_MAX_STREAMS: u32 = 1;
 pub(crate) const ADMIN_H2_WINDOW: u32 = 16 * 1024;
+/// HTTP/2 streams at once on one token-endpoint connection (its callers make one request at a
+/// time; the listener's request limit bounds the total anyway).
+const TOKEN_ENDPOINT_MAX_STREAMS: u32 = 4;
 
 /// The limits one listener applies to each of its connections.
 #[derive(Clone, Copy, Debug)]
@@ -123,6 +126,25 @@ impl Connections {
                 // Its answers are ready at once: a client not reading them for as long as it
                 // may take to send a head is holding a probe's slot.
                 write_stall: Some(admin.header_read_timeout),
+                ..self.limits
+            },
+            ..self.clone()
+        }
+    }
+
+    /// The same shutdown signals and tracker, with the token endpoint's limits: the proxy's
+    /// timeouts, small heads, few streams (its requests are small forms answered from the cache).
+    pub(crate) fn token_endpoint(&self) -> Connections {
+        Connections {
+            limits: ConnLimits {
+                max_header_bytes: ADMIN_MAX_HEADER_BYTES,
+                max_headers: ADMIN_MAX_HEADERS,
+                max_concurrent_streams: TOKEN_ENDPOINT_MAX_STREAMS,
+                h2_stream_window: ADMIN_H2_WINDOW,
+                h2_connection_window: ADMIN_H2_WINDOW,
+                // A request may wait for a token fetch (bounded by the token wait) with no bytes
+                // moving; its body has its own deadline (token_endpoint.body_read_timeout).
+                write_stall: None,
                 ..self.limits
             },
             ..self.clone()

@@ -2,7 +2,8 @@
 //!
 //! [`Sidecar::bind`] builds the token client and the routes, each owning its upstream pool and
 //! its cache slot (one per distinct key), then starts the token cache (which prefetches every
-//! token at once) and binds all listeners, so a caller knows the real addresses before anything is
+//! token at once) and binds all listeners (the loopback token endpoint too, when
+//! `token_endpoint.listen` is set), so a caller knows the real addresses before anything is
 //! served (tests bind port 0). [`Sidecar::run`] accepts connections until the shutdown future
 //! resolves, then stops accepting, lets in-flight requests finish for up to `shutdown_grace`,
 //! and returns.
@@ -14,6 +15,7 @@ mod budget;
 pub(crate) mod conn;
 pub(crate) mod framing;
 pub(crate) mod peers;
+pub(crate) mod token_endpoint;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,6 +26,7 @@ use tokio::net::TcpListener;
 
 use self::accept::{Admission, Connections, accept_loop};
 use self::admin::Admin;
+use self::token_endpoint::TokenEndpoint;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::routes::{Route, RouteError, RouteTable, fixed_key};
@@ -45,6 +48,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// `[token_endpoint]` names something the built sidecar does not have.
+    #[error("{key}: {message}")]
+    TokenEndpoint { key: String, message: String },
 }
 
 /// A sidecar with its listeners bound and its token cache warming up.
@@ -57,6 +63,8 @@ pub struct Sidecar {
     main: TcpListener,
     dedicated: Vec<(usize, TcpListener)>,
     admin: TcpListener,
+    /// The loopback token endpoint, when `token_endpoint.listen` is set.
+    token_endpoint: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for Sidecar {
@@ -76,6 +84,34 @@ async fn bind(addr: SocketAddr, what: impl Into<String>) -> Result<TcpListener, 
             what: what.into(),
             source,
         })
+}
+
+/// Binds `token_endpoint.listen` when set, after checking (again, for configs built in code)
+/// that it is loopback and that every name in `token_endpoint.clients` is a client.
+async fn bind_token_endpoint(
+    config: &Config,
+    clients: &Clients,
+) -> Result<Option<TcpListener>, StartError> {
+    let te = &config.token_endpoint;
+    let Some(addr) = te.listen else {
+        return Ok(None);
+    };
+    if !addr.ip().is_loopback() {
+        return Err(StartError::TokenEndpoint {
+            key: "token_endpoint.listen".into(),
+            message: format!("must be a loopback address, not {addr}"),
+        });
+    }
+    for (i, name) in te.clients.iter().enumerate() {
+        if clients.get(name).is_none() {
+            let known: Vec<&str> = clients.iter().map(|c| c.name()).collect();
+            return Err(StartError::TokenEndpoint {
+                key: format!("token_endpoint.clients[{i}]"),
+                message: format!("{name:?} is not a client (clients: {})", known.join(", ")),
+            });
+        }
+    }
+    Ok(Some(bind(addr, "token_endpoint.listen").await?))
 }
 
 impl Sidecar {
@@ -138,6 +174,7 @@ impl Sidecar {
                 dedicated.push((i, bind(addr, format!("route {}", r.name)).await?));
             }
         }
+        let token_endpoint = bind_token_endpoint(&config, &clients).await?;
         let proxy = Arc::new(Proxy {
             table: RouteTable::new(routes, &config.proxy.allowed_hosts),
             retry_body_limit: config.proxy.retry_body_limit,
@@ -155,7 +192,15 @@ impl Sidecar {
             main,
             dedicated,
             admin,
+            token_endpoint,
         })
+    }
+
+    /// The loopback token endpoint's address, when it is on.
+    pub fn token_endpoint_addr(&self) -> Option<SocketAddr> {
+        self.token_endpoint
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener has an address"))
     }
 
     pub fn proxy_addr(&self) -> SocketAddr {
@@ -221,6 +266,28 @@ impl Sidecar {
             },
             conns.admin(admin_limits),
         )));
+        if let Some(listener) = self.token_endpoint {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "token endpoint serving POST /oauth2/token");
+            }
+            let endpoint = Arc::new(TokenEndpoint::new(
+                self.proxy.clients.clone(),
+                &self.config.token_endpoint,
+                self.config.log.access_log,
+            ));
+            loops.push(tokio::spawn(accept_loop(
+                listener,
+                move |req| {
+                    let endpoint = endpoint.clone();
+                    async move { endpoint.handle(req).await }
+                },
+                Admission::Queue {
+                    max_connections: self.config.token_endpoint.max_connections,
+                },
+                // Same stop/cut signals and tracker: drained with the other listeners.
+                conns.token_endpoint(),
+            )));
+        }
         tracing::info!(proxy = %main_addr, routes = self.config.route.len(), "token-sidecar serving");
 
         shutdown.await;

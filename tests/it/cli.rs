@@ -264,7 +264,11 @@ fn a_huge_duration_in_any_key_makes_check_config_exit_2_naming_it() {
     let bad = dir.path().join("bad.toml");
     for (section, k) in keys {
         let mut table: toml::Table = toml::from_str(&base_text).unwrap();
-        let target = match table.get_mut(&section).unwrap() {
+        // A section the base leaves out (all its keys defaulted) is written when set.
+        let target = match table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
             toml::Value::Array(a) => a[0].as_table_mut().unwrap(),
             other => other.as_table_mut().unwrap(),
         };

@@ -33,3 +33,4 @@ mod routing;
 mod shutdown;
 mod streaming;
 mod targets;
+mod token_endpoint;

@@ -224,9 +224,13 @@ fn mutate(table: &mut toml::Table, section: &str, key: &str, value: Option<toml:
     let target: &mut toml::Table = if section.is_empty() {
         table
     } else {
-        match table.get_mut(section) {
-            Some(toml::Value::Table(t)) => t,
-            Some(toml::Value::Array(a)) => match a.first_mut() {
+        // A section the base leaves out (all its keys defaulted) is written when mutated.
+        let entry = table
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match entry {
+            toml::Value::Table(t) => t,
+            toml::Value::Array(a) => match a.first_mut() {
                 Some(toml::Value::Table(t)) => t,
                 _ => return,
             },

@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use token_sidecar::TokenEndpointConfig;
 use token_sidecar::{Config, LogConfig, ProxyConfig, RouteConfig, TokenConfig};
 
 /// The client id every test registers at its authorization server.
@@ -59,6 +60,7 @@ impl SidecarConfig {
             token,
             route: Vec::new(),
             log: LogConfig::default(),
+            token_endpoint: TokenEndpointConfig::default(),
         };
         SidecarConfig { cfg }
     }
@@ -78,6 +80,12 @@ impl SidecarConfig {
     /// Changes `[log]`.
     pub fn log(mut self, f: impl FnOnce(&mut LogConfig)) -> SidecarConfig {
         f(&mut self.cfg.log);
+        self
+    }
+
+    /// Changes `[token_endpoint]`.
+    pub fn token_endpoint(mut self, f: impl FnOnce(&mut TokenEndpointConfig)) -> SidecarConfig {
+        f(&mut self.cfg.token_endpoint);
         self
     }
 

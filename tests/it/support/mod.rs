@@ -39,6 +39,8 @@ pub struct Running {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub cache: Arc<TokenCache>,
+    /// The loopback token endpoint, when `token_endpoint.listen` is set.
+    pub token_endpoint: Option<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -51,6 +53,7 @@ impl Running {
         let addr = sidecar.proxy_addr();
         let admin = sidecar.admin_addr();
         let cache = sidecar.cache();
+        let token_endpoint = sidecar.token_endpoint_addr();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(sidecar.run(async {
             let _ = rx.await;
@@ -59,6 +62,7 @@ impl Running {
             addr,
             admin,
             cache,
+            token_endpoint,
             stop: Some(tx),
             task: Some(task),
         }
