@@ -14,7 +14,8 @@
 //!   the platform's JWT from a rotating file), the token client (request building separate
 //!   from sending), the token endpoint discovered from the issuer's metadata (refreshed on a
 //!   schedule), the refresh-ahead cache with
-//!   its supervised refreshers, the per-key retry schedule, the eviction gate, the RFC 8705
+//!   its supervised refreshers, the OAuth clients with their bounded run-time caches
+//!   (`registry`: `[token]` and `[[client]]`s, moka), the per-key retry schedule, the eviction gate, the RFC 8705
 //!   client certificates (loaded, checked, re-read on rotation; also presented to upstreams).
 //! - `proxy/` — the request path as named phase functions, routes, header rules, the request
 //!   body's progress deadline, the upstream pool, and the one place errors become responses.
@@ -49,8 +50,8 @@ mod util;
 // crate-private, so the compiler reports what nothing uses.
 pub use cli::main as run_cli;
 pub use config::{
-    AdminConfig, AudienceParam, AuthMethod, Config, ConfigError, LogConfig, LogFormat, ProxyConfig,
-    RouteConfig, TokenConfig, from_toml_str,
+    AdminConfig, AudienceParam, AuthMethod, ClientConfig, Config, ConfigError, LogConfig,
+    LogFormat, ProxyConfig, RouteConfig, TokenConfig, from_toml_str,
 };
 #[cfg(feature = "dev")]
 pub use dev::authz::{DevClient, DevFederation, DevServer, DevServerConfig};

@@ -1,8 +1,9 @@
 //! Listeners and their lifecycle: bind everything, serve until told to stop, then drain.
 //!
-//! [`Sidecar::bind`] builds the token client and the routes, each owning its upstream pool and
-//! its cache slot (one per distinct key), then starts the token cache (which prefetches every
-//! token at once) and binds all listeners, so a caller knows the real addresses before anything is
+//! [`Sidecar::bind`] builds one token client per OAuth client (`[token]` and each
+//! `[[client]]`, discovered when they name an issuer) and the routes, each owning its upstream
+//! pool and its cache slot (one per distinct key of its client), then starts each client's
+//! token cache (which prefetches every token at once) and binds all listeners, so a caller knows the real addresses before anything is
 //! served (tests bind port 0). [`Sidecar::run`] accepts connections until the shutdown future
 //! resolves, then stops accepting, lets in-flight requests finish for up to `shutdown_grace`,
 //! and returns.
@@ -35,8 +36,18 @@ use crate::token::registry::{ClientTokens, Clients, DEFAULT_CLIENT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The `[token]` client (`default`).
     #[error(transparent)]
     Client(#[from] ClientBuildError),
+    /// The `[[client]]` at `index` (its messages name `token.` keys; read them as this
+    /// client's).
+    #[error("client {name:?} (client[{index}]): {source}")]
+    NamedClient {
+        index: usize,
+        name: String,
+        #[source]
+        source: ClientBuildError,
+    },
     #[error(transparent)]
     Route(#[from] RouteError),
     #[error("cannot listen on {addr} for {what}: {source}")]
@@ -82,32 +93,74 @@ async fn bind(addr: SocketAddr, what: impl Into<String>) -> Result<TcpListener, 
 impl Sidecar {
     /// Builds everything from a validated config. Must run inside a Tokio runtime.
     pub async fn bind(config: Config) -> Result<Sidecar, StartError> {
-        let client = Arc::new(TokenClient::new(&config.token)?);
-        // With token.issuer, no token is asked for before the endpoint is known and checked.
-        client.discover().await.map_err(ClientBuildError::from)?;
-        let endpoint = client.endpoint().clone();
-        // Each route takes its slot (shared by equal sets) and its metrics as it is built; the
-        // refreshers start once every route has its slot.
-        let mut slots = CacheBuilder::new(Policy::from_config(&config.token));
-        let metrics = Arc::new(Metrics::new(slots.fetch_duration()));
+        // Every client: `[token]` as `default`, then each `[[client]]` (docs/spec.md §2), each
+        // with its own token client. A client that cannot be built or whose issuer cannot be
+        // discovered stops the start, named.
+        let mut configs = vec![(DEFAULT_CLIENT, &config.token)];
+        configs.extend(config.client.iter().map(|c| (c.name.as_str(), &c.token)));
+        let named = |i: usize, source: ClientBuildError| match i {
+            0 => StartError::Client(source),
+            _ => StartError::NamedClient {
+                index: i - 1,
+                name: configs[i].0.to_owned(),
+                source,
+            },
+        };
+        let mut fetchers = Vec::with_capacity(configs.len());
+        for (i, (_, cfg)) in configs.iter().enumerate() {
+            let client = Arc::new(TokenClient::new(cfg).map_err(|e| named(i, e))?);
+            // With token.issuer, no token is asked for before the endpoint is known and checked.
+            client
+                .discover()
+                .await
+                .map_err(|e| named(i, ClientBuildError::from(e)))?;
+            fetchers.push(client);
+        }
+        let endpoint = fetchers[0].endpoint().clone();
+        // Each route takes its slot from its client's builder (shared by equal sets) and its
+        // metrics as it is built; the refreshers start once every route has its slot. One
+        // fetch-duration histogram for all clients.
+        let mut builders: Vec<CacheBuilder> = Vec::with_capacity(configs.len());
+        for (_, cfg) in &configs {
+            let policy = Policy::from_config(cfg);
+            builders.push(match builders.first() {
+                Some(first) => CacheBuilder::sharing(policy, first.fetch_duration().clone()),
+                None => CacheBuilder::new(policy),
+            });
+        }
+        let metrics = Arc::new(Metrics::new(builders[0].fetch_duration()));
         let routes = config
             .route
             .iter()
             .map(|r| {
-                let slot = slots.slot(TokenKey::new(&r.scope, &r.audience));
+                // Validation guarantees the name exists; an unknown one would be the default.
+                let i = r
+                    .client
+                    .as_deref()
+                    .and_then(|n| configs.iter().position(|(c, _)| *c == n))
+                    .unwrap_or(0);
+                let slot = builders[i].slot(TokenKey::new(&r.scope, &r.audience));
                 let m = metrics.route(&r.name, Some(&slot));
-                Route::from_config(r, &config.token, slot, m)
+                Route::from_config(r, configs[i].1, slot, m)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let fetch_duration = slots.fetch_duration().clone();
-        let cache = Arc::new(slots.start(client.clone()));
-        let clients = Arc::new(Clients::new(vec![Arc::new(ClientTokens::new(
-            DEFAULT_CLIENT,
-            config.token.clone(),
-            client,
-            fetch_duration,
-            cache.slots().to_vec(),
-        ))]));
+        let fetch_duration = builders[0].fetch_duration().clone();
+        let mut caches = Vec::with_capacity(configs.len());
+        let mut list = Vec::with_capacity(configs.len());
+        for ((builder, fetcher), (name, cfg)) in builders.into_iter().zip(fetchers).zip(&configs) {
+            let cache = builder.start(fetcher.clone());
+            list.push(Arc::new(ClientTokens::new(
+                name,
+                (*cfg).clone(),
+                fetcher,
+                fetch_duration.clone(),
+                cache.slots().to_vec(),
+            )));
+            caches.push(cache);
+        }
+        let cache = Arc::new(TokenCache::join(caches));
+        let clients = Arc::new(Clients::new(list));
+        metrics.clients(clients.clone());
 
         let main = bind(config.proxy.listen, "proxy.listen").await?;
         let admin = bind(config.admin.listen, "admin.listen").await?;
