@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::token::cache::{Slot, SlotStats};
 use crate::token::client::FetchOutcome;
-use crate::token::registry::{Clients, EvictionCause};
+use crate::token::registry::{Clients, DEFAULT_CLIENT, EvictionCause};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
@@ -44,6 +44,13 @@ struct RouteClass {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: String,
+}
+
+/// A route and the client its token comes from (a function of the config: bounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteClient {
+    route: String,
+    client: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -317,6 +324,14 @@ impl Collector for StateCollector {
         }
 
         let now = Instant::now();
+        // Each route's slot is a fixed slot of exactly one client.
+        let label_of = |route: &str, slot: &Arc<Slot>| RouteClient {
+            route: route.to_owned(),
+            client: clients
+                .iter()
+                .find(|c| c.fixed().iter().any(|s| Arc::ptr_eq(s, slot)))
+                .map_or_else(|| DEFAULT_CLIENT.to_owned(), |c| c.name().to_owned()),
+        };
         let mut me = encoder.encode_descriptor(
             "token_expiry",
             "Seconds until the route's cached token expires (0 when none is cached)",
@@ -324,11 +339,8 @@ impl Collector for StateCollector {
             MetricType::Gauge,
         )?;
         for (route, slot) in routes.iter() {
-            let label = RouteLabel {
-                route: route.clone(),
-            };
             let secs = slot.expires_in(now).map_or(0.0, |d| d.as_secs_f64());
-            ConstGauge::new(secs).encode(me.encode_family(&label)?)?;
+            ConstGauge::new(secs).encode(me.encode_family(&label_of(route, slot))?)?;
         }
         let mut me = encoder.encode_descriptor(
             "token_refresh_failing",
@@ -337,10 +349,8 @@ impl Collector for StateCollector {
             MetricType::Gauge,
         )?;
         for (route, slot) in routes.iter() {
-            let label = RouteLabel {
-                route: route.clone(),
-            };
-            ConstGauge::new(i64::from(slot.is_failing())).encode(me.encode_family(&label)?)?;
+            ConstGauge::new(i64::from(slot.is_failing()))
+                .encode(me.encode_family(&label_of(route, slot))?)?;
         }
         Ok(())
     }

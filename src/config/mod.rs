@@ -432,14 +432,21 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         // A token_url query may hold an API key (user info is refused by validation, but this
-        // also renders configs that failed it): shown like a secret, as a marker only.
-        if let Some(Ok(u)) = self.token.token_url.as_deref().map(url::Url::parse)
-            && (u.query().is_some() || u.fragment().is_some() || !u.username().is_empty())
-        {
-            shown.token.token_url = Some(format!(
-                "{}?[redacted]",
-                crate::util::redact_url(u.as_str())
-            ));
+        // also renders configs that failed it): shown like a secret, as a marker only. The
+        // same for every `[[client]]`.
+        let redact = |url: &mut Option<String>| {
+            if let Some(Ok(u)) = url.as_deref().map(url::Url::parse)
+                && (u.query().is_some() || u.fragment().is_some() || !u.username().is_empty())
+            {
+                *url = Some(format!(
+                    "{}?[redacted]",
+                    crate::util::redact_url(u.as_str())
+                ));
+            }
+        };
+        redact(&mut shown.token.token_url);
+        for c in &mut shown.client {
+            redact(&mut c.token.token_url);
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
@@ -493,6 +500,13 @@ mod tests {
         let text = MINIMAL.replace("https://idp", "https://user:pass@idp");
         let c = load::parse_unvalidated(&text).unwrap();
         assert!(!c.to_redacted_toml().contains("pass"));
+        // A [[client]]'s too.
+        let text = format!("{MINIMAL}{TWO_CLIENTS}").replace(
+            "https://idp.example.com/oauth2/token\"\nclient_id = \"billing-svc\"",
+            "https://idp.example.com/oauth2/token?api_key=SECRET2\"\nclient_id = \"billing-svc\"",
+        );
+        let out = from_toml_str(&text).unwrap().to_redacted_toml();
+        assert!(!out.contains("SECRET2"), "{out}");
         // Nothing to hide: the URL exactly as written (it is the assertion's default `aud`).
         let out = from_toml_str(MINIMAL).unwrap().to_redacted_toml();
         assert!(out.contains("token_url = \"https://idp.example.com/oauth2/token\""));

@@ -142,6 +142,13 @@ async fn each_route_sends_a_token_issued_to_its_own_client() {
         );
     }
     assert!(metrics.contains("token_sidecar_token_fetches_total{outcome=\"ok\"} 2"));
+    // The route's series name its client.
+    assert!(
+        metrics.contains(
+            "token_sidecar_token_refresh_failing{route=\"billing\",client=\"billing\"} 0"
+        ),
+        "{metrics}"
+    );
     sc.stop().await;
 }
 
