@@ -501,8 +501,15 @@ impl Config {
             ("token.client_cert_file", t.client_cert_file.as_deref()),
             ("token.client_key_file", t.client_key_file.as_deref()),
         );
+        let clients = self.clients();
         for (i, r) in self.route.iter().enumerate() {
             let k = |field: &str| format!("route[{i}].{field}");
+            // The route presents its own client's certificate (`route.client`).
+            let t = r
+                .client
+                .as_deref()
+                .and_then(|n| clients.iter().find(|(c, _)| *c == n))
+                .map_or(t, |(_, t)| *t);
             if r.use_token_client_cert {
                 if t.client_cert_file.is_none() {
                     p.add(

@@ -252,3 +252,49 @@ async fn the_token_command_asks_as_the_named_client_and_check_config_checks_ever
     assert_eq!(code, 2, "{out}\n{err}");
     assert!(err.contains("client[0].private_key_file"), "{err}");
 }
+
+#[tokio::test]
+async fn readyz_names_the_client_of_each_route_that_waits() {
+    // Nothing answers either token endpoint: both routes wait, each named with its client.
+    let closed = crate::support::process::free_port();
+    let url = format!("http://127.0.0.1:{closed}/oauth2/token");
+    let cfg = SidecarConfig::new(&url, fixture("ec_p256_sec1.pem"))
+        .client("billing", |t| {
+            t.client_id = BILLING_CLIENT.into();
+            t.private_key_file = Some(fixture(BILLING_KEY));
+        })
+        .route(RouteBuilder::path("orders", "/orders/", "http://127.0.0.1:9").audience(&[ORDERS]))
+        .route(
+            RouteBuilder::path("billing", "/billing/", "http://127.0.0.1:9")
+                .audience(&[BILLING])
+                .with(|r| r.client = Some("billing".into())),
+        );
+    let sc = Running::start(cfg).await;
+    let resp = http_client()
+        .get(format!("http://{}/readyz", sc.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    let waiting: Vec<(String, String)> = body["waiting"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["route"].as_str().unwrap().to_owned(),
+                w["client"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        waiting,
+        [
+            ("orders".to_owned(), "default".to_owned()),
+            ("billing".to_owned(), "billing".to_owned())
+        ],
+        "{body}"
+    );
+    sc.stop().await;
+}
