@@ -42,6 +42,9 @@ enum Command {
         /// An audience to request; repeat for several.
         #[arg(long = "audience", value_name = "A")]
         audiences: Vec<String>,
+        /// The client to ask as: a `[[client]]` name (default: `[token]`, named "default").
+        #[arg(long = "client", value_name = "NAME", default_value = "default")]
+        client: String,
     },
     /// Print the public JWK Set of the configured signing key, ready to register with the authorization server.
     Jwks,
@@ -93,7 +96,11 @@ pub fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&path),
         Command::CheckConfig => check_config(&path),
-        Command::Token { scopes, audiences } => token(&path, &scopes, &audiences),
+        Command::Token {
+            scopes,
+            audiences,
+            client,
+        } => token(&path, &scopes, &audiences, &client),
         Command::Jwks => jwks(&path),
         Command::Keygen { alg, out, force } => keygen(&alg, &out, force),
         #[cfg(feature = "dev")]
@@ -188,22 +195,30 @@ fn start_failure(e: &StartError, routes: &[String]) -> ExitCode {
             message,
         }],
     };
-    let invalid = match e {
-        StartError::Client(ClientBuildError::Key(k)) => {
-            Some(problem("token.private_key_file", k.to_string()))
+    // A `[[client]]`'s keys are `client[i].KEY` where `[token]`'s are `token.KEY`.
+    let client_problem = |prefix: &str, c: &ClientBuildError| match c {
+        ClientBuildError::Key(k) => {
+            Some(problem(&format!("{prefix}private_key_file"), k.to_string()))
         }
-        StartError::Client(ClientBuildError::Ca(m)) => Some(problem("token.ca_file", m.clone())),
-        StartError::Client(ClientBuildError::ClientCert { key, message }) => {
-            Some(problem(key, message.clone()))
+        ClientBuildError::Ca(m) => Some(problem(&format!("{prefix}ca_file"), m.clone())),
+        ClientBuildError::ClientCert { key, message } => Some(problem(
+            &format!("{prefix}{}", key.trim_start_matches("token.")),
+            message.clone(),
+        )),
+        // Discovery failing is the issuer's or the network's state, not a typo (docs/spec.md §7).
+        ClientBuildError::Http(_) | ClientBuildError::Discovery(_) => None,
+    };
+    let invalid = match e {
+        StartError::Client(c) => client_problem("token.", c),
+        StartError::NamedClient { index, source, .. } => {
+            client_problem(&format!("client[{index}]."), source)
         }
         StartError::Route(r) => Some(match routes.iter().position(|n| *n == r.route) {
             Some(i) => problem(&format!("route[{i}]"), r.message.clone()),
             None => problem("route", r.to_string()),
         }),
         StartError::TokenEndpoint { key, message } => Some(problem(key, message.clone())),
-        // Discovery failing is the issuer's or the network's state, not a typo (docs/spec.md §7).
-        StartError::Client(ClientBuildError::Http(_) | ClientBuildError::Discovery(_))
-        | StartError::Bind { .. } => None,
+        StartError::Bind { .. } => None,
     };
     match invalid {
         // Printed alone, not logged as well: one line per problem, as for validation.
@@ -247,29 +262,41 @@ fn check_config(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    // Loading the key proves the file parses and fits signing_alg, which validation alone cannot.
-    let client = match crate::token::client::TokenClient::new(&config.token) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("invalid config: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    // With token.issuer, check-config fetches the metadata as `run` would (docs/spec.md §7):
-    // the discovered endpoint is what an operator needs to see. A failure is not a typo: exit 1.
-    let discovered = if client.endpoint().is_discovered() {
-        match runtime(1).block_on(client.discover()) {
-            Ok(()) => client.endpoint().current(),
+    // Loading each client's key proves the file parses and fits signing_alg, which validation
+    // alone cannot. With an issuer, check-config fetches the metadata as `run` would
+    // (docs/spec.md §7): the discovered endpoint is what an operator needs to see. A failure is
+    // not a typo: exit 1.
+    let mut discovered = Vec::new();
+    for (i, (name, cfg)) in config.clients().into_iter().enumerate() {
+        let at = client_prefix(i);
+        let client = match crate::token::client::TokenClient::new(cfg) {
+            Ok(c) => c,
             Err(e) => {
-                eprintln!("token-sidecar: token.issuer: {e}");
-                return ExitCode::FAILURE;
+                eprintln!("invalid config: {at}{e}");
+                return ExitCode::from(2);
+            }
+        };
+        if client.endpoint().is_discovered() {
+            match runtime(1).block_on(client.discover()) {
+                Ok(()) => discovered.extend(client.endpoint().current().map(|u| (name, u))),
+                Err(e) => {
+                    eprintln!("token-sidecar: {at}token.issuer: {e}");
+                    return ExitCode::FAILURE;
+                }
             }
         }
-    } else {
-        None
-    };
+    }
+    let clients = config.clients();
     for r in &config.route {
-        let identity = match crate::token::mtls::load_route_identity(r, &config.token) {
+        let name = r
+            .client
+            .as_deref()
+            .unwrap_or(crate::token::registry::DEFAULT_CLIENT);
+        let token_config = clients
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(&config.token, |(_, t)| *t);
+        let identity = match crate::token::mtls::load_route_identity(r, token_config) {
             Ok(i) => i,
             Err(e) => {
                 eprintln!("invalid config: route {}: client certificate: {e}", r.name);
@@ -282,9 +309,13 @@ fn check_config(path: &Path) -> ExitCode {
         }
     }
     println!("# {}: valid", path.display());
-    if let Some(url) = discovered {
+    for (name, url) in discovered {
+        let from = match name {
+            crate::token::registry::DEFAULT_CLIENT => "token.issuer".to_owned(),
+            n => format!("the issuer of client {n:?}"),
+        };
         println!(
-            "# token endpoint discovered from token.issuer: {}",
+            "# token endpoint discovered from {from}: {}",
             crate::util::redact_url(&url)
         );
     }
@@ -292,22 +323,38 @@ fn check_config(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn token(path: &Path, scopes: &[String], audiences: &[String]) -> ExitCode {
+/// How errors of the `i`-th client (of [`Config::clients`]) are introduced: nothing for
+/// `[token]`, whose messages name `token.` keys already.
+fn client_prefix(i: usize) -> String {
+    match i {
+        0 => String::new(),
+        i => format!("client[{}]: ", i - 1),
+    }
+}
+
+fn token(path: &Path, scopes: &[String], audiences: &[String], client: &str) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let clients = config.clients();
+    let Some(i) = clients.iter().position(|(n, _)| *n == client) else {
+        let names: Vec<&str> = clients.iter().map(|(n, _)| *n).collect();
+        eprintln!("token: no client named {client:?}; one of {names:?}");
+        return ExitCode::from(2);
+    };
+    let (at, token_config) = (client_prefix(i), clients[i].1.clone());
     let _log = crate::telemetry::init(config.log.format);
     runtime(1).block_on(async move {
-        let client = match crate::token::client::TokenClient::new(&config.token) {
+        let client = match crate::token::client::TokenClient::new(&token_config) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("invalid config: {e}");
+                eprintln!("invalid config: {at}{e}");
                 return ExitCode::from(2);
             }
         };
         if let Err(e) = client.discover().await {
-            eprintln!("token-sidecar: token.issuer: {e}");
+            eprintln!("token-sidecar: {at}token.issuer: {e}");
             return ExitCode::FAILURE;
         }
         let key = crate::token::TokenKey::new(scopes, audiences);

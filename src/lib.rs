@@ -15,7 +15,8 @@
 //!   the platform's JWT from a rotating file), the token client (request building separate
 //!   from sending), the token endpoint discovered from the issuer's metadata (refreshed on a
 //!   schedule), the refresh-ahead cache with
-//!   its supervised refreshers, the per-key retry schedule, the eviction gate, the RFC 8705
+//!   its supervised refreshers, the OAuth clients with their bounded run-time caches
+//!   (`registry`: `[token]` and `[[client]]`s, moka), the per-key retry schedule, the eviction gate, the RFC 8705
 //!   client certificates (loaded, checked, re-read on rotation; also presented to upstreams).
 //! - `proxy/` — the request path as named phase functions, routes, per-request targets
 //!   (audience/scope headers, wildcard fills), header rules, the request
@@ -52,8 +53,8 @@ mod util;
 // crate-private, so the compiler reports what nothing uses.
 pub use cli::main as run_cli;
 pub use config::{
-    AdminConfig, AudienceParam, AuthMethod, Config, ConfigError, LogConfig, LogFormat, ProxyConfig,
-    RouteConfig, TokenConfig, TokenEndpointConfig, from_toml_str,
+    AdminConfig, AudienceParam, AuthMethod, ClientConfig, Config, ConfigError, LogConfig,
+    LogFormat, ProxyConfig, RouteConfig, TokenConfig, TokenEndpointConfig, from_toml_str,
 };
 #[cfg(feature = "dev")]
 pub use dev::authz::{DevClient, DevFederation, DevServer, DevServerConfig};

@@ -1,5 +1,11 @@
-//! Prometheus metrics, names prefixed `token_sidecar_`, base units, bounded labels (route names
-//! from the config and fixed outcome words; never scopes, audiences, hosts or paths).
+//! Prometheus metrics, names prefixed `token_sidecar_`, base units, bounded labels (route and
+//! client names from the config and fixed outcome and cause words; never scopes, audiences,
+//! hosts or paths).
+//!
+//! Slots created at run time (per-request targets, issue 13) have no route: their counters are
+//! folded into the unlabelled aggregates (`token_fetches`, `cache_hits`, …), evicted ones
+//! included, and the run-time cache itself is described per client (`cache_entries`,
+//! `cache_evictions`). No series is ever created per run-time key.
 //!
 //! Per-request metrics are resolved per route once at start-up ([`RouteMetrics`]), so the hot
 //! path only increments atomics and observes a histogram. Values that describe state rather than
@@ -20,8 +26,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::time::Instant;
 
-use crate::token::cache::Slot;
+use crate::token::cache::{Slot, SlotStats};
 use crate::token::client::FetchOutcome;
+use crate::token::registry::{Clients, DEFAULT_CLIENT, EvictionCause};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
@@ -37,6 +44,24 @@ struct RouteClass {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: String,
+}
+
+/// A route and the client its token comes from (a function of the config: bounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteClient {
+    route: String,
+    client: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabel {
+    client: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientCause {
+    client: String,
+    cause: String,
 }
 
 /// One route's per-request metrics, resolved once.
@@ -177,6 +202,11 @@ impl Metrics {
         }
     }
 
+    /// The clients, whose run-time caches are read at scrape time; call once at start-up.
+    pub(crate) fn clients(&self, clients: Arc<Clients>) {
+        *self.state.clients.lock().unwrap_or_else(|e| e.into_inner()) = Some(clients);
+    }
+
     /// The Prometheus text exposition.
     pub(crate) fn render(&self) -> String {
         let mut out = String::new();
@@ -192,11 +222,23 @@ impl Metrics {
 struct StateCollector {
     /// Each route and the slot it takes its token from (routes with equal sets share one).
     routes: Mutex<Vec<(String, Arc<Slot>)>>,
+    /// Every client, for the run-time caches (set once the clients exist).
+    clients: Mutex<Option<Arc<Clients>>>,
 }
 
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default();
+        // Run-time slots (live and evicted) of every client, added to the fixed slots' sums.
+        let runtime = |f: &dyn Fn(&SlotStats) -> u64| -> u64 {
+            clients.iter().map(|c| c.runtime_stats(f)).sum()
+        };
         // Routes with equal sets share a slot; count each slot once.
         let mut slots: Vec<&Arc<Slot>> = Vec::new();
         for (_, s) in routes.iter() {
@@ -214,30 +256,32 @@ impl Collector for StateCollector {
             let label = OutcomeLabel {
                 outcome: name.to_string(),
             };
-            let n: u64 = slots.iter().map(|s| s.stats.fetches(outcome)).sum();
+            let n: u64 = slots.iter().map(|s| s.stats.fetches(outcome)).sum::<u64>()
+                + runtime(&|s| s.fetches(outcome));
             ConstCounter::new(n).encode(me.encode_family(&label)?)?;
         }
-        let sum = |f: fn(&Slot) -> u64| slots.iter().map(|s| f(s)).sum::<u64>();
+        let sum =
+            |f: fn(&SlotStats) -> u64| slots.iter().map(|s| f(&s.stats)).sum::<u64>() + runtime(&f);
         for (name, help, value) in [
             (
                 "cache_hits",
                 "Requests served from a usable cached token",
-                sum(|s| s.stats.hits()),
+                sum(|s| s.hits()),
             ),
             (
                 "cache_misses",
                 "Requests that had to wait for the token endpoint",
-                sum(|s| s.stats.misses()),
+                sum(|s| s.misses()),
             ),
             (
                 "cache_refreshes",
                 "Token requests made while a token was cached (refresh ahead, retries of a failing refresh)",
-                sum(|s| s.stats.refreshes()),
+                sum(|s| s.refreshes()),
             ),
             (
                 "refresher_restarts",
                 "Token refreshers that stopped (a panic) and were started again",
-                sum(|s| s.stats.restarts()),
+                sum(|s| s.restarts()),
             ),
             (
                 "log_dropped",
@@ -250,7 +294,44 @@ impl Collector for StateCollector {
             c.encode(me)?;
         }
 
+        let mut me = encoder.encode_descriptor(
+            "cache_entries",
+            "Keys created at run time held in the client's bounded token cache (at most token.cache_capacity)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for c in clients.iter() {
+            let label = ClientLabel {
+                client: c.name().to_owned(),
+            };
+            let n = i64::try_from(c.cache_entries()).unwrap_or(i64::MAX);
+            ConstGauge::new(n).encode(me.encode_family(&label)?)?;
+        }
+        let mut me = encoder.encode_descriptor(
+            "cache_evictions",
+            "Run-time keys evicted from the client's token cache (their refresher stopped), by cause (size, expired, idle, explicit)",
+            None,
+            MetricType::Counter,
+        )?;
+        for c in clients.iter() {
+            for (cause, word) in EvictionCause::ALL {
+                let label = ClientCause {
+                    client: c.name().to_owned(),
+                    cause: word.to_owned(),
+                };
+                ConstCounter::new(c.evictions(cause)).encode(me.encode_family(&label)?)?;
+            }
+        }
+
         let now = Instant::now();
+        // Each route's slot is a fixed slot of exactly one client.
+        let label_of = |route: &str, slot: &Arc<Slot>| RouteClient {
+            route: route.to_owned(),
+            client: clients
+                .iter()
+                .find(|c| c.fixed().iter().any(|s| Arc::ptr_eq(s, slot)))
+                .map_or_else(|| DEFAULT_CLIENT.to_owned(), |c| c.name().to_owned()),
+        };
         let mut me = encoder.encode_descriptor(
             "token_expiry",
             "Seconds until the route's cached token expires (0 when none is cached)",
@@ -258,11 +339,8 @@ impl Collector for StateCollector {
             MetricType::Gauge,
         )?;
         for (route, slot) in routes.iter() {
-            let label = RouteLabel {
-                route: route.clone(),
-            };
             let secs = slot.expires_in(now).map_or(0.0, |d| d.as_secs_f64());
-            ConstGauge::new(secs).encode(me.encode_family(&label)?)?;
+            ConstGauge::new(secs).encode(me.encode_family(&label_of(route, slot))?)?;
         }
         let mut me = encoder.encode_descriptor(
             "token_refresh_failing",
@@ -271,10 +349,8 @@ impl Collector for StateCollector {
             MetricType::Gauge,
         )?;
         for (route, slot) in routes.iter() {
-            let label = RouteLabel {
-                route: route.clone(),
-            };
-            ConstGauge::new(i64::from(slot.is_failing())).encode(me.encode_family(&label)?)?;
+            ConstGauge::new(i64::from(slot.is_failing()))
+                .encode(me.encode_family(&label_of(route, slot))?)?;
         }
         Ok(())
     }

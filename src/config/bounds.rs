@@ -54,6 +54,8 @@ fn durations(c: &Config) -> Vec<(String, Duration, Duration)> {
             t.discovery_refresh_interval,
             DAY,
         ),
+        // Run-time token cache: an idle key kept for over a day is a leak, not a cache.
+        ("token.cache_idle_timeout", t.cache_idle_timeout, DAY),
     ]
     .into_iter()
     .map(|(k, d, max)| (k.to_owned(), d, max))
@@ -110,6 +112,9 @@ fn sizes(c: &Config) -> Vec<(&'static str, u64, u64)> {
             n(t.max_response_bytes),
             16 * MIB,
         ),
+        // Run-time token cache: each key holds a slot and a refresher task (a few KiB);
+        // a million of them is already gigabytes.
+        ("token.cache_capacity", t.cache_capacity, 1_000_000),
     ]
 }
 

@@ -142,6 +142,12 @@ pub(super) mod token {
         Duration::from_secs(3600)
     }
     /// RFC 7523 §2.2: what Keycloak, Entra ID and Google expect for a platform-issued JWT.
+    pub(crate) fn cache_capacity() -> u64 {
+        1000
+    }
+    pub(crate) fn cache_idle_timeout() -> Duration {
+        Duration::from_secs(15 * 60)
+    }
     pub(crate) fn client_assertion_type() -> String {
         "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_string()
     }
@@ -224,6 +230,8 @@ upstream = "https://r.example.com"
             ("admin", field_names::<AdminConfig>()),
             ("token", field_names::<TokenConfig>()),
             ("route", field_names::<RouteConfig>()),
+            // `[[client]]` is `name` plus every `token` key (checked as `token.*`).
+            ("client", &["name"][..]),
             ("log", field_names::<LogConfig>()),
             ("token_endpoint", field_names::<TokenEndpointConfig>()),
         ];
@@ -340,6 +348,11 @@ upstream = "https://r.example.com"
         let mut section = String::new();
         let mut out = Vec::new();
         for line in SIDECAR_TOML.lines().map(str::trim) {
+            // `[[client]]` is documented commented out; its token keys are `token.*`'s.
+            if line == "# [[client]]" {
+                section = "client".to_string();
+                continue;
+            }
             if let Some(s) = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
                 section = s.to_string();
                 continue;
@@ -356,6 +369,10 @@ upstream = "https://r.example.com"
                 && table.len() == 1
                 && let Some((k, v)) = table.into_iter().next()
             {
+                let section = match section.as_str() {
+                    "client" if k != "name" => "token",
+                    s => s,
+                };
                 out.push((format!("{section}.{k}"), v, commented));
             }
         }

@@ -23,7 +23,6 @@ mod bounds;
 mod defaults;
 mod error;
 mod load;
-#[allow(dead_code)] // used by issue-13 work (route allow-lists, token endpoint)
 pub(crate) mod pattern;
 mod validate;
 pub(crate) mod wildcard;
@@ -56,6 +55,10 @@ pub struct Config {
     /// `[[route]]` tables. At least one is required.
     #[serde(default)]
     pub route: Vec<RouteConfig>,
+    /// `[[client]]` tables: more OAuth clients besides `[token]` (which is the client named
+    /// `default`); a route picks one with `client = "NAME"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client: Vec<ClientConfig>,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
@@ -268,6 +271,43 @@ pub struct TokenConfig {
     /// Trust only `ca_file` for the token endpoint (and discovery), not the public roots.
     #[serde(default)]
     pub ca_only: bool,
+    // The run-time token cache (issue 13; docs/spec.md §3).
+    /// Most keys (scope set, audience set) created at run time held at once by this client;
+    /// the least useful one is evicted beyond it. Keys known at start do not count.
+    #[serde(default = "defaults::token::cache_capacity")]
+    pub cache_capacity: u64,
+    /// A run-time key no request asked for during this long is evicted (its refresher stops).
+    #[serde(default = "defaults::token::cache_idle_timeout", with = "duration_str")]
+    pub cache_idle_timeout: Duration,
+}
+
+/// `[[client]]`: one more OAuth client, named, with every `[token]` key (same names, same
+/// defaults, same validation).
+///
+/// Flattened, so serde cannot deny unknown keys inside it: [`ClientConfig`]'s own
+/// `Deserialize` reads the table, takes `name` out and hands the rest to the strict
+/// [`TokenConfig`], so a typo in a `[[client]]` block is refused like one in `[token]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientConfig {
+    /// Unique; routes name it in `client`. `default` is the `[token]` section's.
+    pub name: String,
+    #[serde(flatten)]
+    pub token: TokenConfig,
+}
+
+impl<'de> Deserialize<'de> for ClientConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, IntoDeserializer};
+        let mut table = toml::Table::deserialize(d)?;
+        let name = match table.remove("name") {
+            Some(toml::Value::String(n)) => n,
+            Some(_) => return Err(D::Error::custom("name: must be a string")),
+            None => return Err(D::Error::missing_field("name")),
+        };
+        let token = TokenConfig::deserialize(toml::Value::Table(table).into_deserializer())
+            .map_err(D::Error::custom)?;
+        Ok(ClientConfig { name, token })
+    }
 }
 
 /// Where the token endpoint comes from: the one accessor for `token_url` / `issuer`.
@@ -350,6 +390,10 @@ pub struct RouteConfig {
     /// Scopes a request may ask for with `token-sidecar-scope`; empty: the header is refused.
     #[serde(default)]
     pub allow_scopes: Vec<String>,
+    /// The OAuth client whose tokens this route sends: a `[[client]]` name; unset = the
+    /// `[token]` client (`default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -411,18 +455,33 @@ pub(crate) mod duration_str {
 }
 
 impl Config {
+    /// Every client's name and token settings: `[token]` as `default` first, then each
+    /// `[[client]]` in file order.
+    pub(crate) fn clients(&self) -> Vec<(&str, &TokenConfig)> {
+        let mut v = vec![(crate::token::registry::DEFAULT_CLIENT, &self.token)];
+        v.extend(self.client.iter().map(|c| (c.name.as_str(), &c.token)));
+        v
+    }
+
     /// The effective configuration as TOML, secrets redacted (for `check-config`).
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         // A token_url query may hold an API key (user info is refused by validation, but this
-        // also renders configs that failed it): shown like a secret, as a marker only.
-        if let Some(Ok(u)) = self.token.token_url.as_deref().map(url::Url::parse)
-            && (u.query().is_some() || u.fragment().is_some() || !u.username().is_empty())
-        {
-            shown.token.token_url = Some(format!(
-                "{}?[redacted]",
-                crate::util::redact_url(u.as_str())
-            ));
+        // also renders configs that failed it): shown like a secret, as a marker only. The
+        // same for every `[[client]]`.
+        let redact = |url: &mut Option<String>| {
+            if let Some(Ok(u)) = url.as_deref().map(url::Url::parse)
+                && (u.query().is_some() || u.fragment().is_some() || !u.username().is_empty())
+            {
+                *url = Some(format!(
+                    "{}?[redacted]",
+                    crate::util::redact_url(u.as_str())
+                ));
+            }
+        };
+        redact(&mut shown.token.token_url);
+        for c in &mut shown.client {
+            redact(&mut c.token.token_url);
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
@@ -476,6 +535,13 @@ mod tests {
         let text = MINIMAL.replace("https://idp", "https://user:pass@idp");
         let c = load::parse_unvalidated(&text).unwrap();
         assert!(!c.to_redacted_toml().contains("pass"));
+        // A [[client]]'s too.
+        let text = format!("{MINIMAL}{TWO_CLIENTS}").replace(
+            "https://idp.example.com/oauth2/token\"\nclient_id = \"billing-svc\"",
+            "https://idp.example.com/oauth2/token?api_key=SECRET2\"\nclient_id = \"billing-svc\"",
+        );
+        let out = from_toml_str(&text).unwrap().to_redacted_toml();
+        assert!(!out.contains("SECRET2"), "{out}");
         // Nothing to hide: the URL exactly as written (it is the assertion's default `aud`).
         let out = from_toml_str(MINIMAL).unwrap().to_redacted_toml();
         assert!(out.contains("token_url = \"https://idp.example.com/oauth2/token\""));
@@ -488,5 +554,132 @@ mod tests {
         assert!(!out.contains("hunter2"), "{out}");
         assert!(out.contains("[redacted]"));
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    // `[[client]]` and `route.client` (issue 13 item 1).
+
+    const TWO_CLIENTS: &str = r#"
+[[client]]
+name = "billing"
+token_url = "https://idp.example.com/oauth2/token"
+client_id = "billing-svc"
+auth_method = "client_secret_basic"
+client_secret = "s3cret"
+request_timeout = "3s"
+
+[[route]]
+name = "billing"
+path_prefix = "/billing/"
+upstream = "https://billing.example.com"
+client = "billing"
+"#;
+
+    #[test]
+    fn a_client_block_takes_every_token_key_with_its_defaults() {
+        let c = from_toml_str(&format!("{MINIMAL}{TWO_CLIENTS}")).unwrap();
+        assert_eq!(c.client.len(), 1);
+        let b = &c.client[0];
+        assert_eq!(b.name, "billing");
+        assert_eq!(b.token.client_id, "billing-svc");
+        assert_eq!(b.token.auth_method, AuthMethod::ClientSecretBasic);
+        assert_eq!(b.token.request_timeout, Duration::from_secs(3));
+        // Not set: the [token] defaults, the same functions.
+        assert_eq!(b.token.refresh_at, c.token.refresh_at);
+        assert_eq!(b.token.cache_capacity, 1000);
+        assert_eq!(b.token.cache_idle_timeout, Duration::from_secs(900));
+        assert_eq!(c.route[1].client.as_deref(), Some("billing"));
+        let names: Vec<&str> = c.clients().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["default", "billing"]);
+        // The secret of a [[client]] is redacted like [token]'s.
+        let out = c.to_redacted_toml();
+        assert!(
+            !out.contains("s3cret") && out.contains("[[client]]"),
+            "{out}"
+        );
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_client_block_is_as_strict_as_token() {
+        // An unknown key inside [[client]] is refused (flatten alone would let it through).
+        let text = format!("{MINIMAL}{TWO_CLIENTS}").replace(
+            "request_timeout = \"3s\"",
+            "request_timeout = \"3s\"\nrefresh_att = 0.5",
+        );
+        let err = from_toml_str(&text).unwrap_err();
+        assert!(err.to_string().contains("refresh_att"), "{err}");
+        // The same validation as [token], named by the client's index.
+        let text = format!("{MINIMAL}{TWO_CLIENTS}")
+            .replace("auth_method = \"client_secret_basic\"", "")
+            .replace(
+                "\"https://idp.example.com/oauth2/token\"\nclient_id = \"billing-svc\"",
+                "\"http://idp.example.com/oauth2/token\"\nclient_id = \"billing-svc\"",
+            );
+        let err = from_toml_str(&text).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"client[0].token_url"), "{err}");
+        assert!(keys.contains(&"client[0].private_key_file"), "{err}");
+        assert!(!keys.iter().any(|k| k.starts_with("token.")), "{err}");
+        // The cache keys' own rules and bounds too.
+        let text = format!("{MINIMAL}{TWO_CLIENTS}")
+            .replace("request_timeout = \"3s\"", "cache_capacity = 0");
+        let err = from_toml_str(&text).unwrap_err();
+        assert_eq!(err.problems[0].key, "client[0].cache_capacity", "{err}");
+        let text = format!("{MINIMAL}{TWO_CLIENTS}")
+            .replace("request_timeout = \"3s\"", "cache_capacity = 2000000");
+        let err = from_toml_str(&text).unwrap_err();
+        assert_eq!(err.problems[0].key, "client[0].cache_capacity", "{err}");
+    }
+
+    #[test]
+    fn client_names_are_unique_plain_and_routes_name_existing_ones() {
+        let two = format!("{MINIMAL}{TWO_CLIENTS}");
+        let dup = two.clone() + &TWO_CLIENTS[..TWO_CLIENTS.find("[[route]]").unwrap()];
+        let err = from_toml_str(&dup).unwrap_err();
+        assert_eq!(err.problems[0].key, "client[1].name", "{err}");
+        assert!(err.to_string().contains("duplicate"), "{err}");
+        let err = from_toml_str(&two.replace(
+            "name = \"billing\"\ntoken_url",
+            "name = \"default\"\ntoken_url",
+        ))
+        .unwrap_err();
+        assert!(
+            err.problems.iter().any(|p| p.key == "client[0].name"),
+            "{err}"
+        );
+        let err = from_toml_str(&two.replace(
+            "name = \"billing\"\ntoken_url",
+            "name = \"bil ling\"\ntoken_url",
+        ))
+        .unwrap_err();
+        assert!(
+            err.problems.iter().any(|p| p.key == "client[0].name"),
+            "{err}"
+        );
+        let err = from_toml_str(&two.replace("client = \"billing\"", "client = \"billling\""))
+            .unwrap_err();
+        assert_eq!(err.problems[0].key, "route[1].client", "{err}");
+        // `default` names [token] explicitly.
+        assert!(
+            from_toml_str(&two.replace("client = \"billing\"", "client = \"default\"")).is_ok()
+        );
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn env_overrides_cannot_address_one_client_of_the_array() {
+        // Documented in sidecar.toml: SIDECAR_CLIENT__… is a map, not the array; it replaces
+        // nothing silently, it fails the load naming `client`.
+        figment::Jail::expect_with(|jail| {
+            let dir = jail.directory().to_path_buf();
+            std::fs::write(dir.join("s.toml"), format!("{MINIMAL}{TWO_CLIENTS}")).unwrap();
+            jail.set_env("SIDECAR_CLIENT__0__CLIENT_ID", "other");
+            let err = load(&dir.join("s.toml")).unwrap_err();
+            assert!(
+                err.problems.iter().any(|p| p.key.starts_with("client")),
+                "{err}"
+            );
+            Ok(())
+        });
     }
 }

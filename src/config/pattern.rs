@@ -66,10 +66,6 @@ impl Pattern {
         Ok(Pattern(s.to_owned()))
     }
 
-    pub(crate) fn as_str(&self) -> &str {
-        &self.0
-    }
-
     /// Whether `value` is allowed by this pattern.
     pub(crate) fn matches(&self, value: &str) -> bool {
         let (p, v) = (self.0.as_bytes(), value.as_bytes());

@@ -55,6 +55,8 @@ impl Config {
         self.validate_route_targets(&mut p);
         self.validate_client_certs(&mut p);
         self.validate_token_endpoint(&mut p);
+        self.validate_cache(&mut p);
+        self.validate_clients(&mut p);
         p.0.extend(super::bounds::problems(self));
         if p.0.is_empty() {
             Ok(())
@@ -467,6 +469,89 @@ impl Config {
         }
     }
 
+    /// `token.cache_capacity` / `token.cache_idle_timeout` (docs/spec.md §3): a cache that
+    /// holds nothing, or drops a key at once, would evict every run-time key before its first
+    /// token arrived.
+    fn validate_cache(&self, p: &mut Problems) {
+        if self.token.cache_capacity == 0 {
+            p.add("token.cache_capacity", "must be at least 1");
+        }
+        if self.token.cache_idle_timeout < std::time::Duration::from_secs(1) {
+            p.add("token.cache_idle_timeout", "must be at least 1s");
+        }
+    }
+}
+
+/// Longest `[[client]]` name: it is a metric label and a log field.
+const MAX_CLIENT_NAME: usize = 64;
+
+impl Config {
+    /// `[[client]]` and `route.client` (docs/spec.md §2): names unique, short and plain (they
+    /// are metric labels), `default` left to `[token]`; every client's token settings checked
+    /// by exactly the `[token]` rules, each problem reported under `client[i].KEY`; a route
+    /// naming a client that does not exist is a problem of `route[i].client`.
+    fn validate_clients(&self, p: &mut Problems) {
+        use crate::token::registry::DEFAULT_CLIENT;
+        let mut names = std::collections::HashSet::new();
+        for (i, c) in self.client.iter().enumerate() {
+            let prefix = format!("client[{i}].");
+            let n = &c.name;
+            let plain = n
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'));
+            if n.is_empty() || n.len() > MAX_CLIENT_NAME || !plain {
+                p.add(
+                    format!("{prefix}name"),
+                    format!("must be 1 to {MAX_CLIENT_NAME} characters of A-Z a-z 0-9 - _ ."),
+                );
+            } else if n == DEFAULT_CLIENT {
+                p.add(
+                    format!("{prefix}name"),
+                    "\"default\" is the [token] section's client; pick another name",
+                );
+            } else if !names.insert(n.as_str()) {
+                p.add(
+                    format!("{prefix}name"),
+                    format!("duplicate client name {n:?}"),
+                );
+            }
+            // The same rules as [token], run on a config whose [token] is this client; only
+            // the token's own problems are kept, renamed to this client's keys.
+            let alone = Config {
+                token: c.token.clone(),
+                route: Vec::new(),
+                client: Vec::new(),
+                ..self.clone()
+            };
+            let mut found = Problems::default();
+            alone.validate_token(&mut found);
+            alone.validate_client_certs(&mut found);
+            alone.validate_cache(&mut found);
+            found.0.extend(super::bounds::problems(&alone));
+            for problem in found.0 {
+                if let Some(field) = problem.key.strip_prefix("token.") {
+                    p.add(
+                        format!("{prefix}{field}"),
+                        problem.message.replace("token.", &prefix),
+                    );
+                }
+            }
+        }
+        for (i, r) in self.route.iter().enumerate() {
+            if let Some(name) = &r.client
+                && name != DEFAULT_CLIENT
+                && !self.client.iter().any(|c| &c.name == name)
+            {
+                p.add(
+                    format!("route[{i}].client"),
+                    format!("no [[client]] is named {name:?} (\"default\" is [token])"),
+                );
+            }
+        }
+    }
+}
+
+impl Config {
     /// RFC 8705 client certificates (token side and per route): set in pairs, loadable, the
     /// key matching the certificate, and only over TLS. A bad pair is named by the key at fault.
     fn validate_client_certs(&self, p: &mut Problems) {
@@ -498,8 +583,15 @@ impl Config {
             ("token.client_cert_file", t.client_cert_file.as_deref()),
             ("token.client_key_file", t.client_key_file.as_deref()),
         );
+        let clients = self.clients();
         for (i, r) in self.route.iter().enumerate() {
             let k = |field: &str| format!("route[{i}].{field}");
+            // The route presents its own client's certificate (`route.client`).
+            let t = r
+                .client
+                .as_deref()
+                .and_then(|n| clients.iter().find(|(c, _)| *c == n))
+                .map_or(t, |(_, t)| *t);
             if r.use_token_client_cert {
                 if t.client_cert_file.is_none() {
                     p.add(

@@ -91,7 +91,6 @@ pub struct Proxy {
     /// Metrics for requests that matched no route.
     pub(crate) unmatched: RouteMetrics,
     /// Every OAuth client and its token slots (fixed and run-time).
-    #[allow(dead_code)] // read by the loopback token endpoint (issue 13 item 5)
     pub(crate) clients: Arc<crate::token::registry::Clients>,
 }
 

@@ -63,28 +63,47 @@ impl Admin {
         resp.map(Either::Right)
     }
 
-    /// 200 while every route's token is usable; otherwise 503 naming each route that waits.
-    /// Both name the token endpoint in use (redacted; with `token.issuer`, the discovered one).
+    /// 200 while every fixed slot (every route's token, whichever client it belongs to) is
+    /// usable; otherwise 503 naming each route that waits and its client. Both name the
+    /// `[token]` client's endpoint in use (redacted; with `token.issuer`, the discovered one)
+    /// and, with `[[client]]`s, every client's under `clients`. Run-time keys are not waited
+    /// for: they did not exist at start.
     fn readyz(&self) -> Response<http_body_util::Full<bytes::Bytes>> {
         let endpoint = self.endpoint.current().map(|u| crate::util::redact_url(&u));
         let now = Instant::now();
+        let clients = &self.proxy.clients;
         let mut waiting = Vec::new();
         for route in &self.proxy.table.routes {
             // A route whose sets are templates has no fixed token to wait for.
             if let Some(Err(reason)) = route.slot.as_ref().map(|s| s.readiness(now)) {
-                waiting.push(json!({"route": &*route.name, "reason": reason}));
+                waiting.push(json!({
+                    "route": &*route.name,
+                    "client": route.client.name(),
+                    "reason": reason,
+                }));
             }
         }
+        let mut body = json!({"token_endpoint": endpoint});
+        if clients.iter().count() > 1 {
+            let all: serde_json::Map<String, serde_json::Value> = clients
+                .iter()
+                .map(|c| {
+                    let url = c
+                        .endpoint()
+                        .and_then(|e| e.current())
+                        .map(|u| crate::util::redact_url(&u));
+                    (c.name().to_owned(), json!({ "token_endpoint": url }))
+                })
+                .collect();
+            body["clients"] = all.into();
+        }
         if waiting.is_empty() {
-            json_response(
-                StatusCode::OK,
-                &json!({"status": "ready", "token_endpoint": endpoint}),
-            )
+            body["status"] = "ready".into();
+            json_response(StatusCode::OK, &body)
         } else {
-            json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "not_ready", "waiting": waiting, "token_endpoint": endpoint}),
-            )
+            body["status"] = "not_ready".into();
+            body["waiting"] = waiting.into();
+            json_response(StatusCode::SERVICE_UNAVAILABLE, &body)
         }
     }
 }

@@ -1,9 +1,11 @@
 //! Listeners and their lifecycle: bind everything, serve until told to stop, then drain.
 //!
-//! [`Sidecar::bind`] builds the token client and the routes, each owning its upstream pool and
-//! its cache slot (one per distinct key), then starts the token cache (which prefetches every
-//! token at once) and binds all listeners (the loopback token endpoint too, when
-//! `token_endpoint.listen` is set), so a caller knows the real addresses before anything is
+//! [`Sidecar::bind`] builds one token client per OAuth client (`[token]` and each
+//! `[[client]]`, discovered when they name an issuer) and the routes, each owning its upstream
+//! pool and its cache slot (one per distinct key of its client; none for a route whose sets are
+//! templates), then starts each client's token cache (which prefetches every token at once) and
+//! binds all listeners (the loopback token endpoint too, when `token_endpoint.listen` is set),
+//! so a caller knows the real addresses before anything is
 //! served (tests bind port 0). [`Sidecar::run`] accepts connections until the shutdown future
 //! resolves, then stops accepting, lets in-flight requests finish for up to `shutdown_grace`,
 //! and returns.
@@ -37,8 +39,18 @@ use crate::token::registry::{ClientTokens, Clients, DEFAULT_CLIENT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The `[token]` client (`default`).
     #[error(transparent)]
     Client(#[from] ClientBuildError),
+    /// The `[[client]]` at `index` (its messages name `token.` keys; read them as this
+    /// client's).
+    #[error("client {name:?} (client[{index}]): {source}")]
+    NamedClient {
+        index: usize,
+        name: String,
+        #[source]
+        source: ClientBuildError,
+    },
     #[error(transparent)]
     Route(#[from] RouteError),
     #[error("cannot listen on {addr} for {what}: {source}")]
@@ -117,54 +129,88 @@ async fn bind_token_endpoint(
 impl Sidecar {
     /// Builds everything from a validated config. Must run inside a Tokio runtime.
     pub async fn bind(config: Config) -> Result<Sidecar, StartError> {
-        let client = Arc::new(TokenClient::new(&config.token)?);
-        // With token.issuer, no token is asked for before the endpoint is known and checked.
-        client.discover().await.map_err(ClientBuildError::from)?;
-        let endpoint = client.endpoint().clone();
-        // Each route takes its slot (shared by equal sets) and its metrics as it is built; the
-        // refreshers start once every route has its slot.
-        let mut slots = CacheBuilder::new(Policy::from_config(&config.token));
-        let metrics = Arc::new(Metrics::new(slots.fetch_duration()));
-        // A route whose sets hold `{host}`/`{label}` templates has no fixed slot: each request
-        // fills them and takes a run-time slot of its client.
+        // Every client: `[token]` as `default`, then each `[[client]]` (docs/spec.md §2), each
+        // with its own token client. A client that cannot be built or whose issuer cannot be
+        // discovered stops the start, named.
+        let mut configs = vec![(DEFAULT_CLIENT, &config.token)];
+        configs.extend(config.client.iter().map(|c| (c.name.as_str(), &c.token)));
+        let named = |i: usize, source: ClientBuildError| match i {
+            0 => StartError::Client(source),
+            _ => StartError::NamedClient {
+                index: i - 1,
+                name: configs[i].0.to_owned(),
+                source,
+            },
+        };
+        let mut fetchers = Vec::with_capacity(configs.len());
+        for (i, (_, cfg)) in configs.iter().enumerate() {
+            let client = Arc::new(TokenClient::new(cfg).map_err(|e| named(i, e))?);
+            // With token.issuer, no token is asked for before the endpoint is known and checked.
+            client
+                .discover()
+                .await
+                .map_err(|e| named(i, ClientBuildError::from(e)))?;
+            fetchers.push(client);
+        }
+        let endpoint = fetchers[0].endpoint().clone();
+        // Each route takes its slot from its client's builder (shared by equal sets) and its
+        // metrics; the refreshers start once every route has built, so a route that fails to
+        // build has fetched nothing. One fetch-duration histogram for all clients. A route whose
+        // sets hold `{host}`/`{label}` templates has no fixed slot: each request fills them and
+        // takes a run-time slot of its client.
+        let mut builders: Vec<CacheBuilder> = Vec::with_capacity(configs.len());
+        for (_, cfg) in &configs {
+            let policy = Policy::from_config(cfg);
+            builders.push(match builders.first() {
+                Some(first) => CacheBuilder::sharing(policy, first.fetch_duration().clone()),
+                None => CacheBuilder::new(policy),
+            });
+        }
+        let metrics = Arc::new(Metrics::new(builders[0].fetch_duration()));
         let fixed: Vec<_> = config
             .route
             .iter()
             .map(|r| {
-                let slot = fixed_key(r).map(|k| slots.slot(k));
+                // Validation guarantees the name exists; an unknown one would be the default.
+                let i = r
+                    .client
+                    .as_deref()
+                    .and_then(|n| configs.iter().position(|(c, _)| *c == n))
+                    .unwrap_or(0);
+                let slot = fixed_key(r).map(|k| builders[i].slot(k));
                 let m = metrics.route(&r.name, slot.as_ref());
-                (slot, m)
+                (i, slot, m)
             })
             .collect();
-        // The client's fixed slots are the builder's (equal sets share one), known before any
-        // refresher starts, so a route that fails to build below has fetched nothing.
-        let mut known: Vec<Arc<crate::token::cache::Slot>> = Vec::new();
-        for slot in fixed.iter().filter_map(|(s, _)| s.as_ref()) {
-            if !known.iter().any(|k| Arc::ptr_eq(k, slot)) {
-                known.push(slot.clone());
-            }
-        }
-        let clients = Arc::new(Clients::new(vec![Arc::new(ClientTokens::new(
-            DEFAULT_CLIENT,
-            config.token.clone(),
-            client.clone(),
-            slots.fetch_duration().clone(),
-            known,
-        ))]));
-        // Every route uses the default client until routes name theirs (issue 13 item 1).
-        let default_client = clients
-            .get(DEFAULT_CLIENT)
-            .expect("the default client was just built")
-            .clone();
+        let fetch_duration = builders[0].fetch_duration().clone();
+        let list: Vec<_> = configs
+            .iter()
+            .zip(&fetchers)
+            .zip(&builders)
+            .map(|(((name, cfg), fetcher), builder)| {
+                Arc::new(ClientTokens::new(
+                    name,
+                    (*cfg).clone(),
+                    fetcher.clone(),
+                    fetch_duration.clone(),
+                    builder.slots().to_vec(),
+                ))
+            })
+            .collect();
         let routes = config
             .route
             .iter()
             .zip(fixed)
-            .map(|(r, (slot, m))| {
-                Route::from_config(r, &config.token, slot, default_client.clone(), m)
-            })
+            .map(|(r, (i, slot, m))| Route::from_config(r, configs[i].1, slot, list[i].clone(), m))
             .collect::<Result<Vec<_>, _>>()?;
-        let cache = Arc::new(slots.start(client));
+        let caches = builders
+            .into_iter()
+            .zip(fetchers)
+            .map(|(builder, fetcher)| builder.start(fetcher))
+            .collect();
+        let cache = Arc::new(TokenCache::join(caches));
+        let clients = Arc::new(Clients::new(list));
+        metrics.clients(clients.clone());
 
         let main = bind(config.proxy.listen, "proxy.listen").await?;
         let admin = bind(config.admin.listen, "admin.listen").await?;

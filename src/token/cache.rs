@@ -250,6 +250,20 @@ impl SlotStats {
     pub(crate) fn fetches(&self, outcome: FetchOutcome) -> u64 {
         self.fetches[outcome as usize].load(Ordering::Relaxed)
     }
+    /// Adds `other`'s counts to these: an evicted run-time slot's history is kept in its
+    /// client's totals, so the exported counters never go backwards.
+    pub(crate) fn absorb(&self, other: &SlotStats) {
+        let add = |a: &AtomicU64, b: &AtomicU64| {
+            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        };
+        add(&self.hits, &other.hits);
+        add(&self.misses, &other.misses);
+        add(&self.refreshes, &other.refreshes);
+        add(&self.restarts, &other.restarts);
+        for (a, b) in self.fetches.iter().zip(&other.fetches) {
+            add(a, b);
+        }
+    }
     /// Token requests made, whatever their outcome.
     pub fn fetches_total(&self) -> u64 {
         FetchOutcome::ALL
@@ -335,6 +349,12 @@ impl Slot {
             token,
             cached: false,
         })
+    }
+
+    /// How long the cached token may still be sent, if one is usable at `now`.
+    pub(crate) fn usable_for(&self, now: Instant) -> Option<Duration> {
+        self.usable(now)
+            .map(|t| t.usable_until.saturating_duration_since(now))
     }
 
     /// How long until the cached token expires, if one is cached and not yet expired.
@@ -559,15 +579,31 @@ async fn supervise<F: Fetch>(slot: Arc<Slot>, fetcher: Arc<F>, fetch_duration: H
 }
 
 /// A slot created at run time (not known at start), with its supervised refresher already
-/// started; dropping the returned handle's `abort` stops it. Used by `registry`.
+/// started; aborting the returned handle stops it. Used by `registry`, which owns the bound on
+/// how many exist. `live` counts the refreshers of run-time slots that have not ended yet
+/// (incremented here, decremented when the task's future is dropped, aborted or not), so the
+/// bound is observable.
 pub(crate) fn start_runtime_slot<F: Fetch>(
     key: TokenKey,
     policy: Policy,
     fetcher: Arc<F>,
     fetch_duration: Histogram,
+    live: Arc<std::sync::atomic::AtomicUsize>,
 ) -> (Arc<Slot>, JoinHandle<()>) {
+    struct Live(Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Live {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
     let slot = Arc::new(Slot::new(key, policy));
-    let task = tokio::spawn(supervise(slot.clone(), fetcher, fetch_duration));
+    live.fetch_add(1, Ordering::Relaxed);
+    let guard = Live(live);
+    let supervised = supervise(slot.clone(), fetcher, fetch_duration);
+    let task = tokio::spawn(async move {
+        let _guard = guard;
+        supervised.await
+    });
     (slot, task)
 }
 
@@ -583,11 +619,23 @@ pub(crate) struct CacheBuilder {
 
 impl CacheBuilder {
     pub(crate) fn new(policy: Policy) -> CacheBuilder {
+        // 5 ms … ~10 s.
+        let fetch_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        CacheBuilder::sharing(policy, fetch_duration)
+    }
+
+    /// A builder whose token requests are timed in `fetch_duration`: one histogram for every
+    /// client, so the metric keeps one series.
+    /// The slots collected so far, one per distinct key.
+    pub(crate) fn slots(&self) -> &[Arc<Slot>] {
+        &self.slots
+    }
+
+    pub(crate) fn sharing(policy: Policy, fetch_duration: Histogram) -> CacheBuilder {
         CacheBuilder {
             policy,
             slots: Vec::new(),
-            // 5 ms … ~10 s.
-            fetch_duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            fetch_duration,
         }
     }
 
@@ -642,6 +690,20 @@ impl std::fmt::Debug for TokenCache {
 }
 
 impl TokenCache {
+    /// One cache of every client's fixed slots (each keeps its own refreshers), so the server
+    /// and the tests hold one handle whatever the number of clients.
+    pub(crate) fn join(caches: Vec<TokenCache>) -> TokenCache {
+        let mut all = TokenCache {
+            slots: Vec::new(),
+            tasks: Vec::new(),
+        };
+        for mut c in caches {
+            all.slots.append(&mut c.slots);
+            all.tasks.append(&mut c.tasks);
+        }
+        all
+    }
+
     /// Every slot, one per distinct (scope set, audience set), in the order routes named them.
     pub fn slots(&self) -> &[Arc<Slot>] {
         &self.slots

@@ -9,6 +9,8 @@
 //! - [`discovery`] — the token endpoint from the issuer's metadata, refreshed on a schedule.
 //! - [`cache`] — one slot per key, refreshed ahead of expiry by a single, supervised refresher
 //!   per key.
+//! - [`registry`] — the OAuth clients (`[token]` and each `[[client]]`), each with its fixed
+//!   slots and its bounded moka cache of run-time slots.
 //! - [`backoff`] — the per-key retry schedule, a pure state machine.
 //! - [`gate`] — how often a token the upstream rejected may be refetched, pure.
 //! - [`mtls`] — RFC 8705 client certificates: loaded, checked, re-read on rotation; used by
@@ -27,7 +29,6 @@ pub(crate) mod gate;
 pub(crate) mod mtls;
 #[cfg(test)]
 mod props;
-#[allow(dead_code)] // interface stub, used by issue-13 work
 pub(crate) mod registry;
 pub(crate) mod response;
 #[cfg(test)]

@@ -14,6 +14,7 @@ mod support;
 
 mod admin;
 mod cli;
+mod clients;
 mod core;
 mod dev;
 mod dev_layering;

@@ -108,10 +108,10 @@ async fn metrics_count_requests_tokens_and_cache_with_bounded_labels() {
     assert_eq!(v("token_sidecar_token_fetch_duration_seconds_count"), 1.0);
     assert_eq!(v("token_sidecar_cache_hits_total"), 4.0);
     assert_eq!(v("token_sidecar_cache_misses_total"), 0.0);
-    let expiry = v(r#"token_sidecar_token_expiry_seconds{route="orders"}"#);
+    let expiry = v(r#"token_sidecar_token_expiry_seconds{route="orders",client="default"}"#);
     assert!(expiry > 290.0 && expiry <= 300.0, "{expiry}");
     assert_eq!(
-        v(r#"token_sidecar_token_refresh_failing{route="orders"}"#),
+        v(r#"token_sidecar_token_refresh_failing{route="orders",client="default"}"#),
         0.0
     );
     // Bounded labels: no scopes, audiences, paths or query strings.

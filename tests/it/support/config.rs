@@ -59,6 +59,7 @@ impl SidecarConfig {
             },
             token,
             route: Vec::new(),
+            client: Vec::new(),
             log: LogConfig::default(),
             token_endpoint: TokenEndpointConfig::default(),
         };
@@ -74,6 +75,17 @@ impl SidecarConfig {
     /// Changes `[token]`.
     pub fn token(mut self, f: impl FnOnce(&mut TokenConfig)) -> SidecarConfig {
         f(&mut self.cfg.token);
+        self
+    }
+
+    /// Adds a `[[client]]` called `name`: a copy of `[token]` as it is now, changed by `f`.
+    pub fn client(mut self, name: &str, f: impl FnOnce(&mut TokenConfig)) -> SidecarConfig {
+        let mut token = self.cfg.token.clone();
+        f(&mut token);
+        self.cfg.client.push(token_sidecar::ClientConfig {
+            name: name.to_string(),
+            token,
+        });
         self
     }
 
