@@ -477,7 +477,8 @@ fn dev(
             Err(e) => {
                 eprintln!("token-sidecar dev: {e}");
                 return match e {
-                    crate::dev::DevError::NotLoopback { .. } => ExitCode::from(2),
+                    crate::dev::DevError::NotLoopback { .. }
+                    | crate::dev::DevError::ClientNotSupported { .. } => ExitCode::from(2),
                     _ => ExitCode::FAILURE,
                 };
             }

@@ -59,6 +59,12 @@ pub struct DevOptions {
 pub enum DevError {
     #[error("dev mode binds loopback addresses only; {key} = {addr} is not loopback")]
     NotLoopback { key: String, addr: SocketAddr },
+    /// Dev registers one client (`[token]`) with its server; a `[[client]]` would silently
+    /// keep asking its real authorization server, so it is refused (exit 2) instead.
+    #[error(
+        "dev mode serves only the [token] client; {key} (name = {name:?}) is not supported: remove the [[client]] blocks and the routes' `client =` for dev, or run against a real authorization server"
+    )]
+    ClientNotSupported { key: String, name: String },
     /// The configuration is wrong in a part dev keeps; one line per problem.
     #[error("{0}")]
     Config(#[from] ConfigError),
@@ -113,6 +119,12 @@ impl Dev {
             config.admin.listen = l;
         }
         check_loopback(&config)?;
+        if let Some(c) = config.client.first() {
+            return Err(DevError::ClientNotSupported {
+                key: "client[0]".into(),
+                name: c.name.clone(),
+            });
+        }
         let mut replaced = Vec::new();
 
         let echo = if config.route.iter().any(|r| r.upstream == ECHO_UPSTREAM) {

@@ -15,6 +15,10 @@
 //! - the admin listener: `admin.max_connections` small connections, each with a `/metrics` text;
 //! - one token response (`token.max_response_bytes`, twice: the bytes and the parsed value)
 //!   per distinct token key;
+//! - per client that can create run-time keys (a route of it with allow-lists or a wildcard
+//!   host, or the token endpoint serving it), `token.cache_capacity` cached run-time tokens,
+//!   each at its worst ([`RUNTIME_ENTRY`]: the token twice, its scope, its key twice, the
+//!   slot);
 //! - the log queue;
 //! - the process itself (code, runtime, TLS roots, caches), measured.
 //!
@@ -22,12 +26,15 @@
 //! but bounded by the node's `net.ipv4.tcp_rmem`/`tcp_wmem` and drained at loopback speed.
 
 use crate::config::Config;
-use crate::proxy::upstream;
+use crate::proxy::{targets, upstream};
 use crate::server::accept::{
     ADMIN_H2_WINDOW, ADMIN_MAX_HEADER_BYTES, ADMIN_MAX_STREAMS, H2_CONNECTION_WINDOW,
     H2_MAX_SEND_BUF,
 };
+use crate::server::token_endpoint;
 use crate::telemetry::BUFFERED_LINES;
+use crate::token::registry::DEFAULT_CLIENT;
+use crate::token::response;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -47,6 +54,53 @@ const METRICS_FIXED: u64 = 4 * KIB;
 const METRICS_PER_ROUTE: u64 = 4 * KIB;
 /// The longest log line: an error text is cut at 1000 characters, plus its fields.
 const LOG_LINE: u64 = 1536;
+
+/// One run-time cache entry at its worst: the access token twice (the secret and the ready-made
+/// `Bearer` header, each at most `MAX_TOKEN_BYTES`), the granted scope (`MAX_SCOPE_BYTES`), its
+/// key twice (moka's copy and the slot's; a key comes from two request headers of at most
+/// `targets::MAX_HEADER_BYTES` each, or a token endpoint body of at most its
+/// `MAX_BODY_BYTES`), and the slot itself: its refresher task, statistics and moka's node,
+/// [`RUNTIME_SLOT`].
+const RUNTIME_ENTRY: u64 = {
+    let token = 2 * response::MAX_TOKEN_BYTES as u64 + "Bearer ".len() as u64;
+    let key_a = 2 * targets::MAX_HEADER_BYTES as u64;
+    let key_b = token_endpoint::MAX_BODY_BYTES as u64;
+    let key = if key_a > key_b { key_a } else { key_b };
+    token + response::MAX_SCOPE_BYTES as u64 + 2 * key + RUNTIME_SLOT
+};
+/// A run-time slot without its token and key: the refresher task's future, the slot's
+/// statistics (a fetch-duration histogram) and moka's node and timer entries. The end-to-end
+/// test (tests/it/runtime.rs) measures a whole entry, its ~1 KiB token and key included, at
+/// about 7 KiB of RSS (debug build); the slot alone is less, rounded up to 8 KiB.
+const RUNTIME_SLOT: u64 = 8 * KIB;
+
+/// The clients that can create run-time keys, with their `cache_capacity`: those with a route
+/// choosing targets per request (allow-lists, a wildcard host or templates) and those the
+/// loopback token endpoint serves.
+fn runtime_clients(c: &Config) -> Vec<(&str, u64)> {
+    let mut clients = vec![(DEFAULT_CLIENT, c.token.cache_capacity)];
+    clients.extend(
+        c.client
+            .iter()
+            .map(|cl| (cl.name.as_str(), cl.token.cache_capacity)),
+    );
+    let per_request = |name: &str| {
+        c.route.iter().any(|r| {
+            r.client.as_deref().unwrap_or(DEFAULT_CLIENT) == name
+                && (!r.allow_audiences.is_empty()
+                    || !r.allow_scopes.is_empty()
+                    || r.host.as_deref().is_some_and(|h| h.starts_with('*'))
+                    || r.audience.iter().chain(&r.scope).any(|v| v.contains('{')))
+        })
+    };
+    let endpoint = |name: &str| {
+        c.token_endpoint.listen.is_some()
+            && (c.token_endpoint.clients.is_empty()
+                || c.token_endpoint.clients.iter().any(|n| n == name))
+    };
+    clients.retain(|(name, _)| per_request(name) || endpoint(name));
+    clients
+}
 
 /// The worst case, item by item, in bytes.
 pub(crate) fn worst_case(c: &Config) -> Vec<(&'static str, u64)> {
@@ -99,6 +153,13 @@ pub(crate) fn worst_case(c: &Config) -> Vec<(&'static str, u64)> {
             keys * 2 * c.token.max_response_bytes as u64,
         ),
         ("log queue", BUFFERED_LINES as u64 * LOG_LINE),
+        (
+            "run-time tokens cached",
+            runtime_clients(c)
+                .iter()
+                .map(|(_, capacity)| capacity * RUNTIME_ENTRY)
+                .sum(),
+        ),
     ]
 }
 
@@ -136,6 +197,79 @@ scope = ["orders:read"]
         let c: Config = toml::from_str(text).unwrap();
         let total = report("defaults, one route", &c);
         assert!(total <= DEPLOY_LIMIT, "{} MiB", total / MIB);
+    }
+
+    /// Run-time keys at the defaults (`cache_capacity` 1000): a route with an allow-list and the
+    /// token endpoint, both for the default client, count its cache once; a second client
+    /// that only has fixed routes adds nothing; the fixed-route config counts nothing.
+    #[test]
+    fn run_time_targets_at_the_defaults_count_the_cache_capacity_once_per_client() {
+        let fixed = r#"
+[token]
+token_url = "https://idp.example.com/token"
+client_id = "c"
+
+[[client]]
+name = "billing"
+token_url = "https://idp.example.com/token"
+client_id = "b"
+
+[[route]]
+name = "orders"
+path_prefix = "/orders/"
+upstream = "https://orders.example.com"
+scope = ["orders:read"]
+
+[[route]]
+name = "billing"
+path_prefix = "/billing/"
+upstream = "https://billing.example.com"
+client = "billing"
+"#;
+        let runtime = format!(
+            "{fixed}allow_audiences = [\"https://*.svc.cluster.local/\"]\n"
+        )
+        .replace(
+            "[[client]]",
+            "[token_endpoint]\nlisten = \"127.0.0.1:8081\"\nclients = [\"default\"]\n\n[[client]]",
+        );
+        let item = |c: &Config| {
+            worst_case(c)
+                .into_iter()
+                .find(|(n, _)| *n == "run-time tokens cached")
+                .unwrap()
+                .1
+        };
+        let fixed: Config = toml::from_str(fixed).unwrap();
+        assert_eq!(item(&fixed), 0);
+        report("fixed routes only", &fixed);
+
+        // The allow-list is on the billing route: both clients can create run-time keys.
+        let both: Config = toml::from_str(&runtime).unwrap();
+        assert_eq!(both.token.cache_capacity, 1000, "the default capacity");
+        assert_eq!(item(&both), 2 * 1000 * RUNTIME_ENTRY);
+        assert_eq!(
+            RUNTIME_ENTRY,
+            60 * KIB + 7,
+            "the figure docs/spec.md §6 quotes"
+        );
+        let total = report("defaults, run-time targets for two clients", &both);
+        eprintln!(
+            "  per run-time entry {:.1} KiB; per client at cache_capacity 1000: {:.1} MiB",
+            RUNTIME_ENTRY as f64 / KIB as f64,
+            (1000 * RUNTIME_ENTRY) as f64 / MIB as f64
+        );
+        assert!(
+            total > DEPLOY_LIMIT,
+            "the operator must raise the limit or lower capacity"
+        );
+
+        // Only the token endpoint's client when the allow-list goes.
+        let endpoint_only: Config = toml::from_str(
+            &runtime.replace("allow_audiences = [\"https://*.svc.cluster.local/\"]\n", ""),
+        )
+        .unwrap();
+        assert_eq!(item(&endpoint_only), 1000 * RUNTIME_ENTRY);
     }
 
     #[test]

@@ -162,6 +162,15 @@ struct RawSuccess {
     scope: Option<serde_json::Value>,
 }
 
+/// Longest access token the sidecar caches, in bytes. Every cached token (fixed or run-time) is
+/// held twice (the secret and its ready-made `Authorization` header), so this bound is what
+/// makes the run-time cache's memory a number (`cache_capacity` entries; server::budget). A
+/// longer token would not fit the 8–16 KiB header limits of most HTTP servers anyway.
+pub(crate) const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Longest granted `scope` string kept with a token, in bytes: it is cached with the token
+/// (the loopback token endpoint answers it), so it is bounded like the token.
+pub(crate) const MAX_SCOPE_BYTES: usize = 4 * 1024;
+
 /// Longest lifetime believed; keeps `Instant` arithmetic far from overflow whatever a server says.
 pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
 
@@ -218,6 +227,13 @@ pub(crate) fn parse_response(
         .map_err(|e| malformed(format!("not a token response ({})", json_error_class(&e))))?;
 
     let token = match raw.access_token {
+        // The size, never the token, goes into the error: errors are logged.
+        Some(serde_json::Value::String(s)) if s.len() > MAX_TOKEN_BYTES => {
+            return Err(malformed(format!(
+                "access_token is {} bytes, over the {MAX_TOKEN_BYTES} the sidecar caches",
+                s.len()
+            )));
+        }
         Some(serde_json::Value::String(s)) if !s.is_empty() => s,
         Some(_) => return Err(malformed("access_token is not a non-empty string".into())),
         None => return Err(malformed("access_token is missing".into())),
@@ -234,6 +250,12 @@ pub(crate) fn parse_response(
     }
     let scope = match raw.scope {
         None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if s.len() > MAX_SCOPE_BYTES => {
+            return Err(malformed(format!(
+                "scope is {} bytes, over the {MAX_SCOPE_BYTES} the sidecar caches",
+                s.len()
+            )));
+        }
         Some(serde_json::Value::String(s)) => Some(s),
         Some(_) => return Err(malformed("scope is not a string".into())),
     };
@@ -401,6 +423,38 @@ mod tests {
                 "{body:?}: {err:?}"
             );
         }
+    }
+
+    /// The size bound that makes the run-time cache's memory a number (server::budget): a
+    /// token at the bound is cached, one byte more is a token error naming both sizes and
+    /// never containing the token itself; the granted scope likewise.
+    #[test]
+    fn an_access_token_or_scope_over_the_cached_size_is_refused_naming_the_size() {
+        let body = |token: &str, scope: &str| {
+            format!(
+                r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":60,"scope":"{scope}"}}"#
+            )
+        };
+        let at_bound = "t".repeat(MAX_TOKEN_BYTES);
+        assert!(ok(&body(&at_bound, "a")).is_ok());
+        let over = format!("{}Z", "t".repeat(MAX_TOKEN_BYTES));
+        let err = ok(&body(&over, "a")).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, ResponseError::Malformed { status: 200, .. }));
+        assert!(
+            text.contains(&format!("{} bytes", MAX_TOKEN_BYTES + 1))
+                && text.contains(&MAX_TOKEN_BYTES.to_string()),
+            "{text}"
+        );
+        assert!(!text.contains("tttt"), "the token is not in the error");
+
+        assert!(ok(&body("x", &"s".repeat(MAX_SCOPE_BYTES))).is_ok());
+        let err = ok(&body("x", &"s".repeat(MAX_SCOPE_BYTES + 1))).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("scope is {} bytes", MAX_SCOPE_BYTES + 1)),
+            "{err}"
+        );
     }
 
     #[test]

@@ -31,6 +31,7 @@ mod paths;
 mod props_config;
 mod reliability;
 mod routing;
+mod runtime;
 mod shutdown;
 mod streaming;
 mod targets;

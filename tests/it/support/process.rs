@@ -135,6 +135,11 @@ impl SidecarProcess {
         format!("http://{}{}", self.proxy, path)
     }
 
+    /// The child's PID (to read its `/proc/PID/status`).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Sends `signal` ("TERM", "INT", …) to this process only, by its PID.
     pub fn signal(&self, signal: &str) {
         let status = std::process::Command::new("kill")
