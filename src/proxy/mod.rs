@@ -53,13 +53,13 @@ use self::headers::{
 };
 use self::respond::{ERROR_HEADER, ProxyError, TokenFailure, error_response};
 use self::routes::{HostSource, Miss, RequestHost, Route, RouteTable, check_path};
-use self::upstream::UpstreamBody;
+use self::upstream::{UpstreamBody, UpstreamResponseBody};
 use crate::metrics::RouteMetrics;
 use crate::token::cache::{Lease, Rejection};
 use crate::util::error_chain;
 
 /// What the proxy answers with: the upstream's streamed body, or a small body of its own.
-pub(crate) type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub(crate) type ProxyBody = Either<UpstreamResponseBody, Full<Bytes>>;
 
 /// Which listener a request arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -348,7 +348,7 @@ pub(crate) async fn send_with_replay(
     kept: Option<Bytes>,
     lease: Lease,
     ctx: &mut Ctx<'_>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamResponseBody>, ProxyError> {
     // Only a request that can be replayed needs its head kept.
     let replay = kept.map(|bytes| (clone_parts(&parts), bytes));
     let resp = send(route, parts, body, &lease).await?;
@@ -389,13 +389,13 @@ async fn send(
     mut parts: Parts,
     body: UpstreamBody,
     lease: &Lease,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamResponseBody>, ProxyError> {
     authorize(&mut parts, lease);
     let upstream = &route.upstream;
     let req = Request::from_parts(parts, body);
-    match tokio::time::timeout(upstream.timeout, upstream.client.request(req)).await {
+    match tokio::time::timeout(upstream.timeout, upstream.send(req)).await {
         Err(_) => Err(ProxyError::UpstreamTimeout(upstream.timeout)),
-        Ok(Err(e)) if downstream_body_failed(&e) => Err(ProxyError::BadRequest(
+        Ok(Err(e)) if e.request_body_failed() => Err(ProxyError::BadRequest(
             "the request body could not be read (malformed or cut off)",
         )),
         Ok(Err(e)) => Err(ProxyError::UpstreamUnavailable(error_chain(&e))),
@@ -413,24 +413,10 @@ pub fn authorize(parts: &mut Parts, lease: &Lease) {
 /// Phase 5: the upstream's answer without its hop-by-hop headers, body streamed. An upstream's
 /// `token-sidecar-error` header is removed too: the application must be able to trust that
 /// header to mean the sidecar itself refused or failed the request (docs/spec.md §5).
-pub(crate) fn response(mut resp: Response<Incoming>) -> Response<ProxyBody> {
+pub(crate) fn response(mut resp: Response<UpstreamResponseBody>) -> Response<ProxyBody> {
     strip_hop_by_hop(resp.headers_mut());
     resp.headers_mut().remove(ERROR_HEADER);
     resp.map(Either::Left)
-}
-
-/// Whether forwarding failed because the application's request body broke (a malformed chunk,
-/// a connection cut mid-body) rather than because of the upstream: hyper reports an error of
-/// the body it was sending as a "user" error.
-fn downstream_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(e);
-    while let Some(err) = current {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            return h.is_user();
-        }
-        current = err.source();
-    }
-    false
 }
 
 fn clone_parts(p: &Parts) -> Parts {
