@@ -196,17 +196,10 @@ impl Proxy {
         let route = self.route(listener, &req, ctx)?;
         let (mut parts, body) = req.into_parts();
         upstream_request(route, &mut parts)?;
-        let (body, stall) = DeadlineBody::new(body, self.body_read_timeout);
+        let body = DeadlineBody::new(body, self.body_read_timeout);
         let (body, kept) = prepare_body(body, self.retry_body_limit).await?;
         let lease = token(route, ctx).await?;
-        let resp = send_with_replay(route, parts, body, kept, lease, ctx)
-            .await
-            // A streamed body that stalled reaches us as the upstream exchange's generic body
-            // error; the upstream request has been aborted with it.
-            .map_err(|e| match stall.fired() {
-                true => ProxyError::RequestTimeout(self.body_read_timeout),
-                false => e,
-            })?;
+        let resp = send_with_replay(route, parts, body, kept, lease, ctx).await?;
         Ok(response(resp))
     }
 
@@ -395,6 +388,9 @@ async fn send(
     let req = Request::from_parts(parts, body);
     match tokio::time::timeout(upstream.timeout, upstream.send(req)).await {
         Err(_) => Err(ProxyError::UpstreamTimeout(upstream.timeout)),
+        // A streamed body that stalled reaches us as the upstream exchange's body error (its
+        // cause is our `BodyError::Stalled`); the upstream request has been aborted with it.
+        Ok(Err(e)) if let Some(d) = e.request_body_stalled() => Err(ProxyError::RequestTimeout(d)),
         Ok(Err(e)) if e.request_body_failed() => Err(ProxyError::BadRequest(
             "the request body could not be read (malformed or cut off)",
         )),

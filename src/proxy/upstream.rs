@@ -19,6 +19,7 @@
 //! polled before reuse and dropped if its peer closed it; a request that a pooled connection
 //! could not even start sending (closed under our feet) is retried once on a new connection.
 
+use std::error::Error as _;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -94,6 +95,22 @@ pub(crate) enum SendError {
 }
 
 impl SendError {
+    /// The progress deadline of the request body fired, and for how long it had waited.
+    pub(crate) fn request_body_stalled(&self) -> Option<Duration> {
+        let mut current: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(err) = current {
+            if let Some(super::body::BodyError::Stalled(d)) = err.downcast_ref() {
+                return Some(*d);
+            }
+            // `Hyper` is transparent: its own source() skips the hyper error.
+            current = match err.downcast_ref::<SendError>() {
+                Some(SendError::Hyper(h)) => h.source(),
+                _ => err.source(),
+            };
+        }
+        None
+    }
+
     /// Whether the exchange failed because the application's request body broke (a malformed
     /// chunk, a connection cut mid-body, the progress deadline) rather than because of the
     /// upstream: hyper reports an error of the body it was sending as a "user" error.
