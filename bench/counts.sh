@@ -61,14 +61,15 @@ total() { # tool file → instructions (callgrind) or allocations (dhat)
 }
 per_request() { awk -v a="$1" -v b="$2" -v n="$(( N2 - N1 ))" 'BEGIN { printf "%.0f", (b - a) / n }'; }
 
-# nginx (one worker, the proxy of bench/lib.sh) under callgrind: the worker is a child.
+# nginx (the proxy of bench/lib.sh) under callgrind.
 nginx_instructions() { # n
     # Writes $WORK/proxy.conf; that instance is stopped and the same config run under valgrind.
     start_nginx_proxy "$NGINX_PORT" 800 >/dev/null 2>&1 || true
     stop_pid "$proxy_PID"
-    taskset -c "$SERVER_CPU" valgrind --tool=callgrind --trace-children=yes \
+    # One process (no master/worker split), so that one callgrind file holds the whole work.
+    taskset -c "$SERVER_CPU" valgrind --tool=callgrind \
         "--callgrind-out-file=$OUT/callgrind-nginx-$1.%p" "$NGINX" -e "$WORK/logs/vg-nginx.log" \
-        -p "$WORK" -c "$WORK/proxy.conf" >"$OUT/nginx-vg-$1.log" 2>&1 &
+        -p "$WORK" -c "$WORK/proxy.conf" -g "master_process off;" >"$OUT/nginx-vg-$1.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     wait_port "$NGINX_PORT" 60 || die "nginx under valgrind did not start"
