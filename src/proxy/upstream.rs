@@ -19,6 +19,7 @@
 //! polled before reuse and dropped if its peer closed it; a request that a pooled connection
 //! could not even start sending (closed under our feet) is retried once on a new connection.
 
+use std::collections::VecDeque;
 use std::error::Error as _;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -196,12 +197,63 @@ struct Idle {
 }
 
 /// The plain-HTTP/1.1 connections of one route that are between requests (see the module
-/// docs). A `Vec` scanned linearly: at most [`MAX_IDLE_PER_ROUTE`] entries, usually a handful
-/// for one authority, cheaper than hashing the authority.
+/// docs), grouped by authority so that a lookup compares authorities once per group, not once
+/// per connection (a route usually has one authority).
 pub(crate) struct H1Pool {
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<Idles>,
     connect_timeout: Duration,
     builder: http1::Builder,
+}
+
+#[derive(Default)]
+struct Idles {
+    /// At most [`MAX_IDLE_PER_ROUTE`] groups are kept (empty ones beyond that are dropped).
+    groups: Vec<Group>,
+    /// Connections in all groups, at most [`MAX_IDLE_PER_ROUTE`].
+    total: usize,
+}
+
+struct Group {
+    authority: Authority,
+    /// Oldest first; at most [`MAX_IDLE_PER_AUTHORITY`].
+    conns: VecDeque<Idle>,
+}
+
+/// The group of `authority`. Byte equality: our own URIs spell an authority one way; a second
+/// spelling would only make a second group.
+fn group<'a>(groups: &'a mut [Group], authority: &Authority) -> Option<&'a mut Group> {
+    groups
+        .iter_mut()
+        .find(|g| g.authority.as_str() == authority.as_str())
+}
+
+impl Idles {
+    /// Drops connections idle for longer than [`IDLE_EXPIRY`], in every group.
+    fn expire(&mut self, now: Instant) {
+        for g in &mut self.groups {
+            while g
+                .conns
+                .front()
+                .is_some_and(|i| now.saturating_duration_since(i.since) >= IDLE_EXPIRY)
+            {
+                g.conns.pop_front();
+                self.total -= 1;
+            }
+        }
+    }
+
+    /// Drops the connection idle the longest, whatever its authority.
+    fn drop_oldest(&mut self) {
+        let oldest = self
+            .groups
+            .iter_mut()
+            .filter(|g| !g.conns.is_empty())
+            .min_by_key(|g| g.conns.front().map(|i| i.since));
+        if let Some(g) = oldest {
+            g.conns.pop_front();
+            self.total -= 1;
+        }
+    }
 }
 
 impl std::fmt::Debug for H1Pool {
@@ -215,37 +267,67 @@ impl H1Pool {
         let mut builder = http1::Builder::new();
         builder.max_buf_size(H1_MAX_BUF);
         H1Pool {
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(Idles::default()),
             connect_timeout,
             builder,
         }
     }
 
-    /// The most recently used live idle connection to `authority`, if any. Entries past
-    /// [`IDLE_EXPIRY`] are dropped on the way.
-    fn checkout(&self, authority: &Authority, now: Instant) -> Option<Idle> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|i| now.saturating_duration_since(i.since) < IDLE_EXPIRY);
-        let at = idle.iter().rposition(|i| i.authority == *authority)?;
-        Some(idle.remove(at))
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).total
     }
 
-    /// Takes back a connection whose exchange ended cleanly, within the bounds; the oldest idle
+    /// The most recently used idle connection to `authority`, if any; the group's connections
+    /// past [`IDLE_EXPIRY`] are dropped on the way.
+    fn checkout(&self, authority: &Authority, now: Instant) -> Option<Idle> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = &mut *idle;
+        let g = group(&mut idle.groups, authority)?;
+        let mut dropped = 0;
+        while g
+            .conns
+            .front()
+            .is_some_and(|i| now.saturating_duration_since(i.since) >= IDLE_EXPIRY)
+        {
+            g.conns.pop_front();
+            dropped += 1;
+        }
+        let got = g.conns.pop_back();
+        idle.total -= dropped + usize::from(got.is_some());
+        got
+    }
+
+    /// Takes back a connection whose exchange ended cleanly, within the bounds: the oldest idle
     /// connection to the same authority (or, at the route bound, of the route) makes room.
     fn checkin(&self, entry: Idle) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let same = idle
-            .iter()
-            .filter(|i| i.authority == entry.authority)
-            .count();
-        if same >= MAX_IDLE_PER_AUTHORITY {
-            if let Some(oldest) = idle.iter().position(|i| i.authority == entry.authority) {
-                idle.remove(oldest);
+        let idle = &mut *idle;
+        if idle.total >= MAX_IDLE_PER_ROUTE {
+            idle.expire(entry.since);
+            if idle.total >= MAX_IDLE_PER_ROUTE {
+                idle.drop_oldest();
             }
-        } else if idle.len() >= MAX_IDLE_PER_ROUTE {
-            idle.remove(0);
+            if idle.groups.len() > MAX_IDLE_PER_ROUTE {
+                idle.groups.retain(|g| !g.conns.is_empty());
+            }
         }
-        idle.push(entry);
+        let g = match group(&mut idle.groups, &entry.authority) {
+            Some(g) => g,
+            None => {
+                idle.groups.push(Group {
+                    authority: entry.authority.clone(),
+                    conns: VecDeque::new(),
+                });
+                idle.groups.last_mut().expect("just pushed")
+            }
+        };
+        if g.conns.len() >= MAX_IDLE_PER_AUTHORITY {
+            g.conns.pop_front();
+            idle.total -= 1;
+        }
+        g.conns.push_back(entry);
+        idle.total += 1;
     }
 
     async fn connect(
@@ -564,7 +646,7 @@ mod tests {
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
     fn idle(u: &Upstream) -> usize {
-        u.plain.idle.lock().unwrap().len()
+        u.plain.idle_count()
     }
 
     #[tokio::test]

@@ -198,7 +198,7 @@ pub(crate) async fn accept_loop<H, F, B>(
     let h1 = conns.h1_builder();
     let (admissions, requests, wait_for_room) = match admission {
         Admission::Queue { max_connections } => (
-            Admissions::new(max_connections, max_connections, false),
+            Admissions::new(max_connections, max_connections, false, &conns.stop),
             Some(Arc::new(Semaphore::new(max_connections))),
             true,
         ),
@@ -206,7 +206,7 @@ pub(crate) async fn accept_loop<H, F, B>(
             max_connections,
             per_peer,
         } => (
-            Admissions::new(max_connections, per_peer, true),
+            Admissions::new(max_connections, per_peer, true, &conns.stop),
             None,
             false,
         ),
@@ -270,8 +270,8 @@ pub(crate) async fn accept_loop<H, F, B>(
                     None => return,
                 },
                 _ = tokio::time::sleep(conns.limits.header_read_timeout) => return,
+                // Eviction, or the server's stop (its parent).
                 _ = evicted.cancelled() => return,
-                _ = conns.stop.cancelled() => return,
             };
             let io = TokioIo::new(TrackedIo::new(stream, tracker.clone()));
             if h2 {
@@ -348,8 +348,12 @@ async fn serve<C>(
     );
     let mut watchdog = std::pin::pin!(watchdog);
     let mut draining = false;
+    // Every branch is polled on every wake-up of this task (several per request): `evicted`
+    // also fires on the server's stop (a child token, see `peers`), and `cut` only comes
+    // after stop, so two signals are waited on, not three.
     loop {
         tokio::select! {
+            biased;
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -370,18 +374,15 @@ async fn serve<C>(
                 // Chosen because it was idle, but the admission decision and this task run on
                 // different workers: a request may have started in between. Cutting it could
                 // drop a request the upstream already acted on, so a busy connection drains.
-                if tracker.is_idle() {
+                // On the server's stop, every connection drains.
+                if !conns.stop.is_cancelled() && tracker.is_idle() {
                     tracing::debug!(%peer, "closing an idle connection to make room for a newer one");
                     return;
                 }
                 conn.as_mut().graceful_shutdown();
                 draining = true;
             }
-            _ = conns.stop.cancelled(), if !draining => {
-                conn.as_mut().graceful_shutdown();
-                draining = true;
-            }
-            _ = conns.cut.cancelled() => return,
+            _ = conns.cut.cancelled(), if draining => return,
         }
     }
 }
