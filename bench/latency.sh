@@ -118,7 +118,8 @@ for rate in sorted({r for _, r in stats}, key=int):
     if s and n:
         print(f"{rate} req/s: sidecar/nginx p50 {s[0] / n[0]:.2f}×, p99 {s[1] / n[1]:.2f}×, p99.9 {s[2] / n[2]:.2f}×")
     if s and n and d:
-        ratio = lambda i: (s[i] - d[i]) / max(n[i] - d[i], 1)
-        print(f"{rate} req/s: added over direct, sidecar/nginx: p50 {ratio(0):.2f}×, p99 {ratio(1):.2f}×, p99.9 {ratio(2):.2f}×")
+        # A ratio of added latencies means nothing when nginx added none (noise).
+        ratio = lambda i: f"{(s[i] - d[i]) / (n[i] - d[i]):.2f}×" if n[i] - d[i] > 0 else "n/a"
+        print(f"{rate} req/s: added over direct, sidecar/nginx: p50 {ratio(0)}, p99 {ratio(1)}, p99.9 {ratio(2)}")
 PY
 log "results in $OUT"
