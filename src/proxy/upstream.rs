@@ -726,6 +726,29 @@ mod tests {
         assert_eq!(idle(&u), MAX_IDLE_PER_AUTHORITY);
     }
 
+    #[tokio::test]
+    async fn the_idle_pool_is_bounded_per_route_across_authorities() {
+        // One route reaching three authorities (as a wildcard host route does), each with
+        // MAX_IDLE_PER_AUTHORITY connections at once: 96 connections, 64 kept.
+        let mut addrs = Vec::new();
+        for _ in 0..3 {
+            addrs.push(serve(OK, false, MAX_IDLE_PER_AUTHORITY).await.0);
+        }
+        let u = upstream(addrs[0]);
+        let all = addrs.iter().flat_map(|&addr| {
+            let u = u.clone();
+            (0..MAX_IDLE_PER_AUTHORITY).map(move |_| {
+                let u = u.clone();
+                async move {
+                    let resp = u.send(get(addr)).await.unwrap();
+                    resp.into_body().collect().await.unwrap();
+                }
+            })
+        });
+        futures_join_all(all).await;
+        assert_eq!(idle(&u), MAX_IDLE_PER_ROUTE);
+    }
+
     async fn futures_join_all<F: Future<Output = ()> + Send + 'static>(
         all: impl Iterator<Item = F>,
     ) {
