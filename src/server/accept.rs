@@ -131,9 +131,9 @@ impl Connections {
     }
 
     /// HTTP/1 only: what nearly every connection speaks (see [`h2_preface`]). hyper's
-    /// defaults for `writev` (vectored writes: the head and a small body in one `writev`) and
-    /// `pipeline_flush` (off) are kept: the counts in docs/benchmarks.md showed no
-    /// system call to save with the other settings for one request at a time per connection.
+    /// defaults for `writev` (vectored writes when the socket supports them: the head and a
+    /// small body in one `writev`) and `pipeline_flush` (off) are kept; the alternatives have
+    /// not been measured yet (bench/counts.sh counts the system calls per request).
     fn h1_builder(&self) -> http1::Builder {
         let l = &self.limits;
         let mut b = http1::Builder::new();
