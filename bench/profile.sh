@@ -9,6 +9,10 @@
 # the sidecar under the same load (`perf stat`). Writes the flat profile (self time by symbol),
 # the inclusive one (children) and the split by DSO to target/bench/profile-<timestamp>/.
 #
+# The per-request figures here are CPU time under perf, so they move with the machine's load;
+# bench/counts.sh gives load-independent ones (instructions, allocations, system calls per
+# request from a fixed request count) and is the one to compare commits with on a busy machine.
+#
 # Environment (defaults): PROFILE_SECONDS=8 CONNS=64 LOADGEN_CPU=0 SERVER_CPU=1
 #   UPSTREAM_PORT=18090 TS_PORT=18080 TS_ADMIN_PORT=18081 NGINX_PORT=18082 TS_BIN= (a symbolized binary to use
 #   instead of building) OUT=target/bench/profile-<timestamp>

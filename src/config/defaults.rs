@@ -23,7 +23,7 @@ impl Default for ProxyConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             // With max_concurrent_streams and the buffer sizes, the worst case fits 64 MiB
             // (docs/spec.md §6, server/budget.rs).
-            max_connections: 32,
+            max_connections: 44,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_header_bytes: 65536,

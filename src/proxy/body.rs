@@ -19,8 +19,6 @@
 
 use std::error::Error as StdError;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -40,17 +38,6 @@ pub(crate) enum BodyError {
     Read(#[source] Box<dyn StdError + Send + Sync>),
 }
 
-/// Tells, after the fact, whether a body's deadline fired (its error may have been reported
-/// by the HTTP client under a generic "body error").
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Stall(Arc<AtomicBool>);
-
-impl Stall {
-    pub(crate) fn fired(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
 /// A body that fails with [`BodyError::Stalled`] after `timeout` without progress.
 #[derive(Debug)]
 pub(crate) struct DeadlineBody<B> {
@@ -59,20 +46,26 @@ pub(crate) struct DeadlineBody<B> {
     /// Allocated at the first wait and reset afterwards; `armed` says whether it is running.
     sleep: Option<Pin<Box<Sleep>>>,
     armed: bool,
-    stall: Stall,
+    /// The deadline fired: the body is over. Whoever needs to know after the fact finds
+    /// [`BodyError::Stalled`] as the cause of the HTTP client's body error (no shared flag, so
+    /// no allocation per request).
+    fired: bool,
 }
 
 impl<B> DeadlineBody<B> {
-    pub(crate) fn new(inner: B, timeout: Duration) -> (DeadlineBody<B>, Stall) {
-        let stall = Stall::default();
-        let body = DeadlineBody {
+    pub(crate) fn new(inner: B, timeout: Duration) -> DeadlineBody<B> {
+        DeadlineBody {
             inner,
             timeout,
             sleep: None,
             armed: false,
-            stall: stall.clone(),
-        };
-        (body, stall)
+            fired: false,
+        }
+    }
+
+    #[cfg(test)]
+    fn fired(&self) -> bool {
+        self.fired
     }
 }
 
@@ -89,7 +82,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        if this.stall.fired() {
+        if this.fired {
             return Poll::Ready(None);
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
@@ -113,7 +106,7 @@ where
                 this.armed = true;
                 match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => {
-                        this.stall.0.store(true, Ordering::Relaxed);
+                        this.fired = true;
                         Poll::Ready(Some(Err(BodyError::Stalled(this.timeout))))
                     }
                     Poll::Pending => Poll::Pending,
@@ -123,7 +116,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.stall.fired() || self.inner.is_end_stream()
+        self.fired || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -171,7 +164,7 @@ mod tests {
     async fn a_buffered_body_that_trickles_is_cut_after_one_timeout_in_all() {
         const T: Duration = Duration::from_secs(30);
         let (mut tx, rx) = Channel::<Bytes, Infallible>::new(1);
-        let (body, _stall) = DeadlineBody::new(rx, T);
+        let body = DeadlineBody::new(rx, T);
         tokio::spawn(async move {
             // One byte every 20 s: progress each time, never a 30 s stall.
             for _ in 0..10 {
@@ -194,22 +187,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_that_stops_arriving_fails_after_the_timeout_not_before() {
         let (mut tx, rx) = Channel::<Bytes, Infallible>::new(4);
-        let (body, stall) = DeadlineBody::new(rx, T);
+        let body = DeadlineBody::new(rx, T);
         let reader = tokio::spawn(read_to_bytes(body, 1024));
         tx.send_data(Bytes::from_static(b"abc")).await.unwrap();
         tokio::time::sleep(T - Duration::from_secs(1)).await;
-        assert!(!reader.is_finished() && !stall.fired());
+        assert!(!reader.is_finished());
         tokio::time::sleep(Duration::from_secs(2)).await;
         let err = reader.await.unwrap().unwrap_err();
         assert!(matches!(err, BodyError::Stalled(d) if d == T), "{err}");
-        assert!(stall.fired());
         drop(tx);
     }
 
     #[tokio::test(start_paused = true)]
     async fn each_frame_restarts_the_clock() {
         let (mut tx, rx) = Channel::<Bytes, Infallible>::new(1);
-        let (mut body, stall) = DeadlineBody::new(rx, T);
+        let mut body = DeadlineBody::new(rx, T);
         // A streamed body (read frame by frame, as the upstream client does); a buffered one
         // also has a total bound (`read_to_bytes`).
         let reader = tokio::spawn(async move {
@@ -217,7 +209,7 @@ mod tests {
             while let Some(frame) = body.frame().await {
                 n += frame?.into_data().map_or(0, |d| d.len());
             }
-            Ok::<_, BodyError>(n)
+            Ok::<_, BodyError>((n, body.fired()))
         });
         // Ten chunks, each arriving just inside the timeout: 290 s in all, never stalled.
         for _ in 0..10 {
@@ -227,8 +219,7 @@ mod tests {
                 .unwrap();
         }
         drop(tx);
-        assert_eq!(reader.await.unwrap().unwrap(), 100);
-        assert!(!stall.fired());
+        assert_eq!(reader.await.unwrap().unwrap(), (100, false));
     }
 
     #[tokio::test(start_paused = true)]
@@ -236,12 +227,12 @@ mod tests {
         let (mut tx, rx) = Channel::<Bytes, Infallible>::new(4);
         tx.send_data(Bytes::from_static(b"a")).await.unwrap();
         tx.send_data(Bytes::from_static(b"b")).await.unwrap();
-        let (mut body, stall) = DeadlineBody::new(rx, T);
+        let mut body = DeadlineBody::new(rx, T);
         assert!(body.frame().await.unwrap().is_ok());
         // The consumer (the upstream, applying backpressure) waits far longer than the timeout.
         tokio::time::sleep(T * 3).await;
         assert!(body.frame().await.unwrap().is_ok());
-        assert!(!stall.fired());
+        assert!(!body.fired());
     }
 
     #[tokio::test]
@@ -249,7 +240,7 @@ mod tests {
         let (mut tx, rx) = Channel::<Bytes, Infallible>::new(4);
         tx.send_data(Bytes::from(vec![0u8; 10])).await.unwrap();
         drop(tx);
-        let (body, _) = DeadlineBody::new(rx, T);
+        let body = DeadlineBody::new(rx, T);
         assert!(matches!(
             read_to_bytes(body, 5).await,
             Err(BodyError::TooLarge)

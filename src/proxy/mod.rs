@@ -60,7 +60,7 @@ use self::headers::{
 use self::respond::{ERROR_HEADER, ProxyError, TokenFailure, error_response};
 use self::routes::{HostSource, Miss, RequestHost, Route, RouteTable, check_path};
 use self::targets::TargetError;
-use self::upstream::UpstreamBody;
+use self::upstream::{UpstreamBody, UpstreamResponseBody};
 use crate::config::wildcard::Fill;
 use crate::metrics::RouteMetrics;
 use crate::token::TokenKey;
@@ -68,7 +68,7 @@ use crate::token::cache::{Lease, Rejection, Slot};
 use crate::util::error_chain;
 
 /// What the proxy answers with: the upstream's streamed body, or a small body of its own.
-pub(crate) type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub(crate) type ProxyBody = Either<UpstreamResponseBody, Full<Bytes>>;
 
 /// Which listener a request arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,17 +214,10 @@ impl Proxy {
         let route = self.route(listener, &req, ctx)?;
         let (mut parts, body) = req.into_parts();
         upstream_request(route, &mut parts, ctx)?;
-        let (body, stall) = DeadlineBody::new(body, self.body_read_timeout);
+        let body = DeadlineBody::new(body, self.body_read_timeout);
         let (body, kept) = prepare_body(body, self.retry_body_limit).await?;
         let lease = token(route, ctx).await?;
-        let resp = send_with_replay(route, parts, body, kept, lease, ctx)
-            .await
-            // A streamed body that stalled reaches us as the upstream exchange's generic body
-            // error; the upstream request has been aborted with it.
-            .map_err(|e| match stall.fired() {
-                true => ProxyError::RequestTimeout(self.body_read_timeout),
-                false => e,
-            })?;
+        let resp = send_with_replay(route, parts, body, kept, lease, ctx).await?;
         Ok(response(resp))
     }
 
@@ -445,7 +438,7 @@ pub(crate) async fn send_with_replay(
     kept: Option<Bytes>,
     lease: Lease,
     ctx: &mut Ctx<'_>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamResponseBody>, ProxyError> {
     // Only a request that can be replayed needs its head kept.
     let replay = kept.map(|bytes| (clone_parts(&parts), bytes));
     // The slot phase 3 took the token from: a request's own key's, else the route's.
@@ -491,13 +484,16 @@ async fn send(
     mut parts: Parts,
     body: UpstreamBody,
     lease: &Lease,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamResponseBody>, ProxyError> {
     authorize(&mut parts, lease);
     let upstream = &route.upstream;
     let req = Request::from_parts(parts, body);
-    match tokio::time::timeout(upstream.timeout, upstream.client.request(req)).await {
+    match tokio::time::timeout(upstream.timeout, upstream.send(req)).await {
         Err(_) => Err(ProxyError::UpstreamTimeout(upstream.timeout)),
-        Ok(Err(e)) if downstream_body_failed(&e) => Err(ProxyError::BadRequest(
+        // A streamed body that stalled reaches us as the upstream exchange's body error (its
+        // cause is our `BodyError::Stalled`); the upstream request has been aborted with it.
+        Ok(Err(e)) if let Some(d) = e.request_body_stalled() => Err(ProxyError::RequestTimeout(d)),
+        Ok(Err(e)) if e.request_body_failed() => Err(ProxyError::BadRequest(
             "the request body could not be read (malformed or cut off)",
         )),
         Ok(Err(e)) => Err(ProxyError::UpstreamUnavailable(error_chain(&e))),
@@ -515,24 +511,10 @@ pub fn authorize(parts: &mut Parts, lease: &Lease) {
 /// Phase 5: the upstream's answer without its hop-by-hop headers, body streamed. An upstream's
 /// `token-sidecar-error` header is removed too: the application must be able to trust that
 /// header to mean the sidecar itself refused or failed the request (docs/spec.md §5).
-pub(crate) fn response(mut resp: Response<Incoming>) -> Response<ProxyBody> {
+pub(crate) fn response(mut resp: Response<UpstreamResponseBody>) -> Response<ProxyBody> {
     strip_hop_by_hop(resp.headers_mut());
     resp.headers_mut().remove(ERROR_HEADER);
     resp.map(Either::Left)
-}
-
-/// Whether forwarding failed because the application's request body broke (a malformed chunk,
-/// a connection cut mid-body) rather than because of the upstream: hyper reports an error of
-/// the body it was sending as a "user" error.
-fn downstream_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(e);
-    while let Some(err) = current {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            return h.is_user();
-        }
-        current = err.source();
-    }
-    false
 }
 
 fn clone_parts(p: &Parts) -> Parts {

@@ -32,6 +32,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::Body;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -47,11 +48,11 @@ use super::peers::Admissions;
 use crate::config::{AdminConfig, ProxyConfig};
 
 /// HTTP/2 flow control on the proxy listeners. The peer is the application on loopback, where
-/// 64 KiB per stream and 128 KiB per connection keep a stream at link speed (the round trip is
+/// 64 KiB per stream and per connection keep a stream at link speed (the round trip is
 /// microseconds) while bounding what one connection can make us buffer (hyper's defaults are
 /// 1 MiB and 1 MiB).
 pub(crate) const H2_STREAM_WINDOW: u32 = 64 * 1024;
-pub(crate) const H2_CONNECTION_WINDOW: u32 = 128 * 1024;
+pub(crate) const H2_CONNECTION_WINDOW: u32 = 64 * 1024;
 /// Response bytes buffered per HTTP/2 stream ahead of the client's window (hyper: 400 KiB).
 pub(crate) const H2_MAX_SEND_BUF: usize = 64 * 1024;
 
@@ -151,6 +152,20 @@ impl Connections {
         }
     }
 
+    /// HTTP/1 only: what nearly every connection speaks (see [`h2_preface`]). hyper's
+    /// defaults for `writev` (vectored writes when the socket supports them: the head and a
+    /// small body in one `writev`) and `pipeline_flush` (off) are kept; the alternatives have
+    /// not been measured yet (bench/counts.sh counts the system calls per request).
+    fn h1_builder(&self) -> http1::Builder {
+        let l = &self.limits;
+        let mut b = http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .max_buf_size(l.max_header_bytes)
+            .max_headers(l.max_headers);
+        b
+    }
+
     fn builder(&self) -> auto::Builder<TokioExecutor> {
         let l = &self.limits;
         let mut b = auto::Builder::new(TokioExecutor::new());
@@ -202,9 +217,10 @@ pub(crate) async fn accept_loop<H, F, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let builder = conns.builder();
+    let h1 = conns.h1_builder();
     let (admissions, requests, wait_for_room) = match admission {
         Admission::Queue { max_connections } => (
-            Admissions::new(max_connections, max_connections, false),
+            Admissions::new(max_connections, max_connections, false, &conns.stop),
             Some(Arc::new(Semaphore::new(max_connections))),
             true,
         ),
@@ -212,7 +228,7 @@ pub(crate) async fn accept_loop<H, F, B>(
             max_connections,
             per_peer,
         } => (
-            Admissions::new(max_connections, per_peer, true),
+            Admissions::new(max_connections, per_peer, true, &conns.stop),
             None,
             false,
         ),
@@ -264,13 +280,49 @@ pub(crate) async fn accept_loop<H, F, B>(
                 Ok::<_, Infallible>(resp.map(|b| TrackedBody::new(b, in_flight, slot)))
             }
         });
-        let io = TokioIo::new(TrackedIo::new(stream, tracker.clone()));
-        let conn = builder.serve_connection(io, service).into_owned();
+        let builder = builder.clone();
+        let h1 = h1.clone();
         let conns = conns.clone();
         conns.tasks.clone().spawn(async move {
-            serve(conn, tracker, &conns, peer, ticket.evict.clone()).await;
+            let evicted = ticket.evict.clone();
+            // Which protocol, from the first bytes; waited for under the same bounds as a head.
+            let h2 = tokio::select! {
+                h2 = h2_preface(&stream) => match h2 {
+                    Some(h2) => h2,
+                    None => return,
+                },
+                _ = tokio::time::sleep(conns.limits.header_read_timeout) => return,
+                // Eviction, or the server's stop (its parent).
+                _ = evicted.cancelled() => return,
+            };
+            let io = TokioIo::new(TrackedIo::new(stream, tracker.clone()));
+            if h2 {
+                // Boxed: the HTTP/2-capable connection is several times the size of the
+                // HTTP/1 one, and a task is as large as its largest state.
+                let conn = builder.serve_connection(io, service).into_owned();
+                Box::pin(serve(conn, tracker, &conns, peer, evicted)).await;
+            } else {
+                let conn = h1.serve_connection(io, service);
+                serve(conn, tracker, &conns, peer, evicted).await;
+            }
             drop(ticket);
         });
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4), which an h2c prior-knowledge client sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the connection may be HTTP/2: `Some(false)` once its first bytes differ from the
+/// preface (HTTP/1, served by hyper's HTTP/1 connection alone), `Some(true)` when they match
+/// as far as they go (served by the auto-detecting connection, which reads the rest), `None`
+/// when the client closed or failed before sending anything. Only peeks: hyper reads every
+/// byte itself.
+pub(crate) async fn h2_preface(stream: &tokio::net::TcpStream) -> Option<bool> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    match stream.peek(&mut buf).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => Some(buf[..n] == H2_PREFACE[..n]),
     }
 }
 
@@ -318,8 +370,12 @@ async fn serve<C>(
     );
     let mut watchdog = std::pin::pin!(watchdog);
     let mut draining = false;
+    // Every branch is polled on every wake-up of this task (several per request): `evicted`
+    // also fires on the server's stop (a child token, see `peers`), and `cut` only comes
+    // after stop, so two signals are waited on, not three.
     loop {
         tokio::select! {
+            biased;
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -340,18 +396,55 @@ async fn serve<C>(
                 // Chosen because it was idle, but the admission decision and this task run on
                 // different workers: a request may have started in between. Cutting it could
                 // drop a request the upstream already acted on, so a busy connection drains.
-                if tracker.is_idle() {
+                // On the server's stop, every connection drains.
+                if !conns.stop.is_cancelled() && tracker.is_idle() {
                     tracing::debug!(%peer, "closing an idle connection to make room for a newer one");
                     return;
                 }
                 conn.as_mut().graceful_shutdown();
                 draining = true;
             }
-            _ = conns.stop.cancelled(), if !draining => {
-                conn.as_mut().graceful_shutdown();
-                draining = true;
-            }
-            _ = conns.cut.cancelled() => return,
+            _ = conns.cut.cancelled(), if draining => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+
+    /// What the server decides from a client's first bytes.
+    async fn decide(first: &[u8]) -> Option<bool> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        if first.is_empty() {
+            drop(client);
+        } else {
+            client.write_all(first).await.unwrap();
+        }
+        let decided = h2_preface(&server).await;
+        // Peeking leaves the bytes for hyper.
+        if !first.is_empty() {
+            let mut buf = vec![0u8; first.len()];
+            server.peek(&mut buf).await.unwrap();
+            assert_eq!(&buf[..], first);
+        }
+        decided
+    }
+
+    #[tokio::test]
+    async fn http1_clients_get_the_http1_connection_and_h2c_clients_the_auto_one() {
+        assert_eq!(decide(b"GET / HTTP/1.1\r\n").await, Some(false));
+        // Shares its first letter with the preface.
+        assert_eq!(decide(b"POST /x HTTP/1.1\r\n").await, Some(false));
+        assert_eq!(decide(H2_PREFACE).await, Some(true));
+        // A preface cut short cannot be told from HTTP/2 yet: the auto connection reads on.
+        assert_eq!(decide(b"PRI * HT").await, Some(true));
+        assert_eq!(decide(b"").await, None);
     }
 }

@@ -62,6 +62,9 @@ pub(crate) struct PeerTable {
     next_id: u64,
     total: usize,
     peers: HashMap<IpAddr, Vec<Entry>>,
+    /// Each eviction signal is a child of this one (the server's stop signal): a connection
+    /// task then waits on one signal for both, instead of polling two per wake-up.
+    parent: CancellationToken,
 }
 
 /// Why a connection was not admitted.
@@ -80,9 +83,17 @@ pub(crate) struct Admissions {
 }
 
 impl Admissions {
-    pub(crate) fn new(max: usize, per_peer: usize, evict_fresh: bool) -> Arc<Admissions> {
+    /// `stop`: the server's stop signal; every eviction signal fires with it too.
+    pub(crate) fn new(
+        max: usize,
+        per_peer: usize,
+        evict_fresh: bool,
+        stop: &CancellationToken,
+    ) -> Arc<Admissions> {
+        let mut table = PeerTable::new(max, per_peer, evict_fresh);
+        table.parent = stop.clone();
         Arc::new(Admissions {
-            table: Mutex::new(PeerTable::new(max, per_peer, evict_fresh)),
+            table: Mutex::new(table),
             freed: Notify::new(),
         })
     }
@@ -142,6 +153,7 @@ impl PeerTable {
             next_id: 0,
             total: 0,
             peers: HashMap::new(),
+            parent: CancellationToken::new(),
         }
     }
 
@@ -200,7 +212,7 @@ impl PeerTable {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let evict = CancellationToken::new();
+        let evict = self.parent.child_token();
         self.peers.entry(peer).or_default().push(Entry {
             id,
             tracker,
@@ -309,7 +321,7 @@ mod tests {
 
     #[test]
     fn tickets_give_their_place_back_once() {
-        let shared = Admissions::new(2, 2, true);
+        let shared = Admissions::new(2, 2, true, &CancellationToken::new());
         let first = shared.admit(ip(2), Tracker::new()).unwrap();
         let second = shared.admit(ip(2), Tracker::new()).unwrap();
         // A third evicts the first; the first's ticket, dropped later, must not free the slot
