@@ -17,8 +17,8 @@ use crate::support::{
 
 /// The second client's id at the provider, and its key (another algorithm family than the
 /// first client's ES256, so a mixed-up key could not pass).
-const BILLING_CLIENT: &str = "billing-service";
-const BILLING_KEY: &str = "ed25519_pkcs8.pem";
+pub(crate) const BILLING_CLIENT: &str = "billing-service";
+pub(crate) const BILLING_KEY: &str = "ed25519_pkcs8.pem";
 
 /// oidc-provider knowing both clients: ours may ask for orders, the billing client for billing.
 async fn provider() -> OidcProvider {
@@ -53,7 +53,7 @@ async fn provider() -> OidcProvider {
 }
 
 /// `/orders/` with the default client, `/billing/` with the `billing` client.
-fn two_clients(token_url: &str, up: &str) -> SidecarConfig {
+pub(crate) fn two_clients(token_url: &str, up: &str) -> SidecarConfig {
     SidecarConfig::new(token_url, fixture("ec_p256_sec1.pem"))
         .client("billing", |t| {
             t.client_id = BILLING_CLIENT.into();

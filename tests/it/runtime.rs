@@ -15,6 +15,7 @@ use serde_json::Value;
 use token_sidecar::{DevClient, DevServer, DevServerConfig};
 use tokio::time::Instant;
 
+use crate::clients::{BILLING_CLIENT, BILLING_KEY, two_clients};
 use crate::support::authz::{AuthzConfig, ClientReg, OidcProvider, ResourceReg};
 use crate::support::idp::{BILLING, ORDERS, verify_with_jwks};
 use crate::support::process::SidecarProcess;
@@ -23,10 +24,6 @@ use crate::support::{
     CLIENT_ID, RouteBuilder, Running, SidecarConfig, fixture, http_client, public_jwks,
 };
 
-/// The second client's id at the provider and its key (another algorithm family than the
-/// default client's ES256, so tokens issued to one cannot pass for the other's).
-const BILLING_CLIENT: &str = "billing-service";
-const BILLING_KEY: &str = "ed25519_pkcs8.pem";
 /// An in-cluster audience no route names: every request for it creates a run-time key.
 const NEW_AUD: &str = "https://inventory.svc.cluster.local/";
 
@@ -74,28 +71,12 @@ async fn provider() -> OidcProvider {
 /// Two clients (`default` = `[token]`, `billing`), one fixed route each, and the token endpoint
 /// on loopback allowing both clients' scopes and audiences; `clients` limits whom it serves.
 fn two_clients_with_endpoint(token_url: &str, up: &str, clients: &[&str]) -> SidecarConfig {
-    SidecarConfig::new(token_url, fixture("ec_p256_sec1.pem"))
-        .client("billing", |t| {
-            t.client_id = BILLING_CLIENT.into();
-            t.private_key_file = Some(fixture(BILLING_KEY));
-        })
-        .route(
-            RouteBuilder::path("orders", "/orders/", up)
-                .scope(&["orders:read"])
-                .audience(&[ORDERS]),
-        )
-        .route(
-            RouteBuilder::path("billing", "/billing/", up)
-                .scope(&["billing:read"])
-                .audience(&[BILLING])
-                .with(|r| r.client = Some("billing".into())),
-        )
-        .token_endpoint(|te| {
-            te.listen = Some(LOOPBACK_ANY);
-            te.allow_scopes = vec!["orders:*".into(), "billing:read".into()];
-            te.allow_audiences = vec![ORDERS.into(), BILLING.into()];
-            te.clients = clients.iter().map(|c| c.to_string()).collect();
-        })
+    two_clients(token_url, up).token_endpoint(|te| {
+        te.listen = Some(LOOPBACK_ANY);
+        te.allow_scopes = vec!["orders:*".into(), "billing:read".into()];
+        te.allow_audiences = vec![ORDERS.into(), BILLING.into()];
+        te.clients = clients.iter().map(|c| c.to_string()).collect();
+    })
 }
 
 /// `POST /oauth2/token` as a plain form; the status and the JSON body.
