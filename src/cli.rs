@@ -303,7 +303,9 @@ fn check_config(path: &Path) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        if let Err(e) = crate::proxy::upstream::Upstream::new(r, identity) {
+        if let Err(e) =
+            crate::proxy::upstream::Upstream::new(r, identity, config.proxy.max_connections)
+        {
             eprintln!("invalid config: route {}: {e}", r.name);
             return ExitCode::from(2);
         }

@@ -84,6 +84,7 @@ impl Route {
         slot: Option<Arc<Slot>>,
         client: Arc<ClientTokens>,
         metrics: RouteMetrics,
+        max_idle: usize,
     ) -> Result<Route, RouteError> {
         let err = |message: String| RouteError {
             route: cfg.name.clone(),
@@ -159,7 +160,7 @@ impl Route {
         }
         let identity = crate::token::mtls::load_route_identity(cfg, token)
             .map_err(|e| err(format!("client certificate: {e}")))?;
-        let upstream = Upstream::new(cfg, identity).map_err(|e| err(e.to_string()))?;
+        let upstream = Upstream::new(cfg, identity, max_idle).map_err(|e| err(e.to_string()))?;
         Ok(Route {
             name: Arc::from(cfg.name.as_str()),
             host: cfg
@@ -629,6 +630,7 @@ pub(crate) fn table(routes: &str) -> RouteTable {
                 slot,
                 client.clone(),
                 RouteMetrics::unregistered(),
+                cfg.proxy.max_connections,
             )
             .expect("route builds")
         })

@@ -12,6 +12,10 @@
 //!   limit; HTTP/2 streams count), each with its parsed head and the replay copy, a buffered
 //!   body (`retry_body_limit`), an HTTP/2 send buffer, and one upstream exchange (HTTP/1
 //!   buffers or an HTTP/2 stream window and send buffer, plus TLS records);
+//! - idle upstream connections kept between requests: a route keeps at most `max_connections`
+//!   (see `proxy::upstream`), and those of a route with one fixed upstream are the ones its own
+//!   requests in flight used, already counted above; every further route, and a wildcard
+//!   route's other authorities, can hold that many idle while other requests are in flight;
 //! - the admin listener: `admin.max_connections` small connections, each with a `/metrics` text;
 //! - one token response (`token.max_response_bytes`, twice: the bytes and the parsed value)
 //!   per distinct token key;
@@ -120,6 +124,14 @@ pub(crate) fn worst_case(c: &Config) -> Vec<(&'static str, u64)> {
         + H2_MAX_SEND_BUF as u64
         + upstream_h1.max(upstream_h2);
 
+    // Idle sets beyond the one the in-flight row already counts (module docs).
+    let wildcard = c
+        .route
+        .iter()
+        .filter(|r| r.host.as_deref().is_some_and(|h| h.starts_with('*')))
+        .count() as u64;
+    let idle_sets = (c.route.len() as u64).saturating_sub(1) + wildcard;
+
     let metrics = METRICS_FIXED + METRICS_PER_ROUTE * c.route.len() as u64;
     let admin_head = ADMIN_MAX_HEADER_BYTES as u64;
     let admin_h1 = 2 * admin_head + metrics;
@@ -144,6 +156,10 @@ pub(crate) fn worst_case(c: &Config) -> Vec<(&'static str, u64)> {
             listeners * conns * h1_conn.max(h2_conn),
         ),
         ("proxy requests in flight", listeners * conns * request),
+        (
+            "idle upstream connections",
+            idle_sets * conns * upstream_h1.max(upstream_h2),
+        ),
         (
             "admin connections",
             c.admin.max_connections as u64 * admin_h1.max(admin_h2),

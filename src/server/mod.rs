@@ -201,7 +201,10 @@ impl Sidecar {
             .route
             .iter()
             .zip(fixed)
-            .map(|(r, (i, slot, m))| Route::from_config(r, configs[i].1, slot, list[i].clone(), m))
+            .map(|(r, (i, slot, m))| {
+                let max_idle = config.proxy.max_connections;
+                Route::from_config(r, configs[i].1, slot, list[i].clone(), m, max_idle)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let caches = builders
             .into_iter()
