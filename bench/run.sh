@@ -108,13 +108,19 @@ done
 # ---------------------------------------------------------------------------------------------
 # One wrk run; measured runs append a row to results.tsv.
 RESULTS="$OUT/results.tsv"
-printf 'target\trun\trequests\terrors\trps\tp50_us\tp90_us\tp99_us\tp999_us\tmax_us\tbusy\tserver_cpu\tloadgen_cpu\n' >"$RESULTS"
+printf 'target\trun\trequests\terrors\trps\tp50_us\tp90_us\tp99_us\tp999_us\tmax_us\tbusy\tserver_cpu\tloadgen_cpu\tproxy_cpu_us\n' >"$RESULTS"
 run_wrk() { # target run-label seconds
     local target=$1 label=$2 secs=$3 url servers before after t0 t1 busy0 busy1 file line lg
+    local proxy proxy0 proxy1
     url=$(url_of "$target")
     servers=$(servers_of "$target")
     file="$OUT/wrk-$target-$label.txt"
     busy0=$(busy_count)
+    # The proxy alone (nginx's master with its worker, or the sidecar): its CPU per request.
+    proxy=${servers%% *}
+    [ "$target" = direct ] && proxy=
+    proxy0=0
+    [ -n "$proxy" ] && proxy0=$(cpu_ticks "$proxy")
     # shellcheck disable=SC2086
     before=$(cpu_ticks $servers)
     t0=$(date +%s%N)
@@ -128,6 +134,8 @@ run_wrk() { # target run-label seconds
     t1=$(date +%s%N)
     # shellcheck disable=SC2086
     after=$(cpu_ticks $servers)
+    proxy1=0
+    [ -n "$proxy" ] && proxy1=$(cpu_ticks "$proxy")
     busy1=$(busy_count)
     line=$(grep '^RESULT' "$file" || true)
     [ -n "$line" ] || { cat "$file" >&2; die "wrk failed for $target"; }
@@ -143,11 +151,13 @@ run_wrk() { # target run-label seconds
     lg=$(awk '/^LOADGEN_TICKS/ {print $2}' "$file")
     local r_requests r_errors r_status_errors r_rps r_p50_us r_p90_us r_p99_us r_p999_us r_max_us r_mean_us
     eval "$(echo "${line#RESULT }" | tr ' ' '\n' | sed 's/^/r_/')"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
         "$target" "$label" "$r_requests" "$r_errors" "$r_rps" "$r_p50_us" "$r_p90_us" \
         "$r_p99_us" "$r_p999_us" "$r_max_us" "$(( busy0 + busy1 ))" \
         "$(awk -v a="$(( after - before ))" -v w="$wall_ticks" 'BEGIN{printf "%.2f", a / w}')" \
-        "$(awk -v a="$lg" -v w="$wall_ticks" 'BEGIN{printf "%.2f", a / w}')" >>"$RESULTS"
+        "$(awk -v a="$lg" -v w="$wall_ticks" 'BEGIN{printf "%.2f", a / w}')" \
+        "$(awk -v a="$(( proxy1 - proxy0 ))" -v n="$r_requests" -v hz="$CLK_TCK" \
+            'BEGIN{printf "%.2f", n > 0 ? a / hz / n * 1e6 : 0}')" >>"$RESULTS"
     log "$target run $label: $(printf '%.0f' "$r_rps") req/s, p50 ${r_p50_us} µs, p99 ${r_p99_us} µs, errors $r_errors, server CPU $(tail -1 "$RESULTS" | cut -f12)"
 }
 
@@ -169,7 +179,8 @@ done
     python3 bench/summarize.py "$RESULTS"
     echo
     echo "server_cpu: CPU-seconds the servers got per second (1.00 = all of CPU $SERVER_CPU);"
-    echo "loadgen_cpu: the same for wrk on CPU $LOADGEN_CPU. Per run:"
+    echo "loadgen_cpu: the same for wrk on CPU $LOADGEN_CPU; proxy_cpu_us: CPU µs the proxy alone"
+    echo "(user + system, from /proc) spent per request. Per run:"
     echo
     column -t -s $'\t' "$RESULTS"
 } | tee "$OUT/summary.md"

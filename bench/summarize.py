@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Summarizes bench/run.sh results: median requests/s, p50 and p99 per target over its runs, and
 the ratios of the sidecar to nginx and to direct. Input: a TSV with the columns
-target, run, requests, errors, rps, p50_us, p90_us, p99_us, p999_us, max_us, busy.
+target, run, requests, errors, rps, p50_us, p90_us, p99_us, p999_us, max_us, busy and, when
+present, proxy_cpu_us (the proxy's CPU per request).
 
 usage: summarize.py results.tsv [markdown-out]
 """
@@ -30,6 +31,8 @@ def main() -> None:
         m = statistics.median(v)
         return 100.0 * (max(v) - min(v)) / m if m else 0.0
 
+    has_cpu = "proxy_cpu_us" in rows[0] and "nginx" in by
+
     lines = []
     lines.append("| target | runs | median req/s | (spread) | p50 µs | p99 µs | p99.9 µs | max µs | errors | busy runs |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
@@ -49,6 +52,13 @@ def main() -> None:
                     f"- {mine}/{other}: throughput {med(mine, 'rps') / med(other, 'rps'):.2f}×, "
                     f"p50 {med(mine, 'p50_us') / med(other, 'p50_us'):.2f}×, "
                     f"p99 {med(mine, 'p99_us') / med(other, 'p99_us'):.2f}×"
+                    + (
+                        f", proxy CPU per request {med(mine, 'proxy_cpu_us'):.1f} µs vs "
+                        f"{med(other, 'proxy_cpu_us'):.1f} µs = "
+                        f"{med(mine, 'proxy_cpu_us') / med(other, 'proxy_cpu_us'):.2f}×"
+                        if other == "nginx" and has_cpu
+                        else ""
+                    )
                 )
     if "nginx" in by and "direct" in by:
         lines.append(
