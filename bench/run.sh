@@ -157,7 +157,7 @@ run_wrk() { # target run-label seconds
         "$(awk -v a="$(( after - before ))" -v w="$wall_ticks" 'BEGIN{printf "%.2f", a / w}')" \
         "$(awk -v a="$lg" -v w="$wall_ticks" 'BEGIN{printf "%.2f", a / w}')" \
         "$(awk -v a="$(( proxy1 - proxy0 ))" -v n="$r_requests" -v hz="$CLK_TCK" \
-            'BEGIN{printf "%.2f", n > 0 ? a / hz / n * 1e6 : 0}')" >>"$RESULTS"
+            'BEGIN{printf "%.2f", (n > 0 ? a / hz / n * 1e6 : 0)}')" >>"$RESULTS"
     log "$target run $label: $(printf '%.0f' "$r_rps") req/s, p50 ${r_p50_us} µs, p99 ${r_p99_us} µs, errors $r_errors, server CPU $(tail -1 "$RESULTS" | cut -f12)"
 }
 
