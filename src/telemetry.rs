@@ -1,5 +1,11 @@
 //! Logging: `tracing` to stderr, human-readable or JSON, level from `RUST_LOG` (default `info`).
 //!
+//! `RUST_LOG` is a level (`debug`) or a list of `target=level` directives with an optional
+//! default (`warn,token_sidecar=debug`): [`Targets`]'s syntax, the part of `EnvFilter`'s that
+//! needs no regular expressions (span and field filters are not supported; leaving them out
+//! keeps the regex engine out of the binary, ≈ 250 KB). A value that does not parse is
+//! reported on stderr and `info` is used.
+//!
 //! Lines are handed to a dedicated writer thread through a bounded queue of
 //! [`BUFFERED_LINES`] lines, so a request never waits on `write(2)`. When stderr is slower than
 //! the lines arrive (a stalled log pipe, a blocked container runtime) the queue fills and
@@ -13,8 +19,11 @@
 
 use std::sync::OnceLock;
 
+use tracing::level_filters::LevelFilter;
 use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 
@@ -36,17 +45,19 @@ pub(crate) fn init(format: LogFormat) -> WorkerGuard {
         .buffered_lines_limit(BUFFERED_LINES)
         .finish(std::io::stderr());
     let counter = writer.error_counter();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = filter_from(std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(LevelFilter::TRACE)
         .with_writer(writer);
     let installed = match format {
-        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Text => builder.with_target(false).finish().with(filter).try_init(),
         // Machines filter on the target: access-log events are `token_sidecar::access`.
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_target(true)
+            .finish()
+            .with(filter)
             .try_init(),
     };
     if installed.is_ok() {
@@ -55,9 +66,57 @@ pub(crate) fn init(format: LogFormat) -> WorkerGuard {
     guard
 }
 
+/// The filter `RUST_LOG` asks for; `info` when it is unset, empty or does not parse.
+fn filter_from(rust_log: Option<&str>) -> Targets {
+    let info = || Targets::new().with_default(LevelFilter::INFO);
+    match rust_log.map(str::trim).filter(|v| !v.is_empty()) {
+        None => info(),
+        Some(v) => v.parse::<Targets>().unwrap_or_else(|e| {
+            // Before the subscriber exists: stderr directly. The value is the operator's own
+            // setting, never a secret.
+            eprintln!("RUST_LOG={v:?} is not a log filter ({e}); using info");
+            info()
+        }),
+    }
+}
+
 /// Log lines dropped so far because stderr could not keep up (0 before [`init`]).
 pub(crate) fn dropped_lines() -> u64 {
     DROPPED
         .get()
         .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allows(f: &Targets, target: &str, level: tracing::Level) -> bool {
+        f.would_enable(target, &level)
+    }
+
+    #[test]
+    fn rust_log_levels_and_target_lists_filter_and_bad_values_fall_back_to_info() {
+        use tracing::Level;
+        for unset in [None, Some(""), Some("  ")] {
+            let f = filter_from(unset);
+            assert!(allows(&f, "token_sidecar", Level::INFO));
+            assert!(!allows(&f, "token_sidecar", Level::DEBUG));
+        }
+        let f = filter_from(Some("trace"));
+        assert!(allows(&f, "hyper", Level::TRACE));
+
+        let f = filter_from(Some("warn,token_sidecar=debug"));
+        assert!(allows(&f, "token_sidecar::access", Level::DEBUG));
+        assert!(!allows(&f, "token_sidecar", Level::TRACE));
+        assert!(allows(&f, "hyper", Level::WARN));
+        assert!(!allows(&f, "hyper", Level::INFO));
+
+        // EnvFilter-only syntax (a span filter) and garbage: info, not silence or everything.
+        for bad in ["token_sidecar[req{id=1}]=debug", "lots=of=equals", "x=loud"] {
+            let f = filter_from(Some(bad));
+            assert!(allows(&f, "token_sidecar", Level::INFO), "{bad}");
+            assert!(!allows(&f, "token_sidecar", Level::DEBUG), "{bad}");
+        }
+    }
 }
