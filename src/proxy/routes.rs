@@ -70,8 +70,29 @@ pub struct RouteError {
 /// The key of the slot a route's requests use when they choose nothing, or `None` when the
 /// route's `scope`/`audience` hold templates (validation allows them on wildcard routes only).
 pub(crate) fn fixed_key(cfg: &RouteConfig) -> Option<TokenKey> {
-    let templated = cfg.scope.iter().chain(&cfg.audience).any(|v| has_braces(v));
-    (!templated).then(|| TokenKey::new(&cfg.scope, &cfg.audience))
+    (!templated(cfg)).then(|| TokenKey::new(&cfg.scope, &cfg.audience))
+}
+
+fn templated(cfg: &RouteConfig) -> bool {
+    cfg.scope.iter().chain(&cfg.audience).any(|v| has_braces(v))
+}
+
+/// Whether `cfg`'s host is a wildcard pattern (`*.` / `**.`), as [`Route::from_config`] reads it.
+/// (Here, beside the code it describes, for the memory budget's test, `server/budget.rs`.)
+#[cfg(test)]
+pub(crate) fn is_wildcard(cfg: &RouteConfig) -> bool {
+    cfg.host.as_deref().and_then(HostPattern::parse).is_some()
+}
+
+/// Whether the route's requests can use token keys not known at start (docs/spec.md §3): it has
+/// a wildcard host, an allow-list, or templates. Exactly the routes [`Route::from_config`]
+/// gives per-request targets or no fixed slot; their keys live in the client's run-time cache.
+#[cfg(test)]
+pub(crate) fn creates_runtime_keys(cfg: &RouteConfig) -> bool {
+    is_wildcard(cfg)
+        || !cfg.allow_audiences.is_empty()
+        || !cfg.allow_scopes.is_empty()
+        || templated(cfg)
 }
 
 impl Route {

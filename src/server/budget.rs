@@ -30,7 +30,7 @@
 //! but bounded by the node's `net.ipv4.tcp_rmem`/`tcp_wmem` and drained at loopback speed.
 
 use crate::config::Config;
-use crate::proxy::{targets, upstream};
+use crate::proxy::{routes, targets, upstream};
 use crate::server::accept::{
     ADMIN_H2_WINDOW, ADMIN_MAX_HEADER_BYTES, ADMIN_MAX_STREAMS, H2_CONNECTION_WINDOW,
     H2_MAX_SEND_BUF,
@@ -90,11 +90,7 @@ fn runtime_clients(c: &Config) -> Vec<(&str, u64)> {
     );
     let per_request = |name: &str| {
         c.route.iter().any(|r| {
-            r.client.as_deref().unwrap_or(DEFAULT_CLIENT) == name
-                && (!r.allow_audiences.is_empty()
-                    || !r.allow_scopes.is_empty()
-                    || r.host.as_deref().is_some_and(|h| h.starts_with('*'))
-                    || r.audience.iter().chain(&r.scope).any(|v| v.contains('{')))
+            r.client.as_deref().unwrap_or(DEFAULT_CLIENT) == name && routes::creates_runtime_keys(r)
         })
     };
     let endpoint = |name: &str| {
@@ -125,11 +121,7 @@ pub(crate) fn worst_case(c: &Config) -> Vec<(&'static str, u64)> {
         + upstream_h1.max(upstream_h2);
 
     // Idle sets beyond the one the in-flight row already counts (module docs).
-    let wildcard = c
-        .route
-        .iter()
-        .filter(|r| r.host.as_deref().is_some_and(|h| h.starts_with('*')))
-        .count() as u64;
+    let wildcard = c.route.iter().filter(|r| routes::is_wildcard(r)).count() as u64;
     let idle_sets = (c.route.len() as u64).saturating_sub(1) + wildcard;
 
     let metrics = METRICS_FIXED + METRICS_PER_ROUTE * c.route.len() as u64;
