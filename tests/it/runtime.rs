@@ -79,13 +79,20 @@ fn two_clients_with_endpoint(token_url: &str, up: &str, clients: &[&str]) -> Sid
     })
 }
 
-/// `POST /oauth2/token` as a plain form; the status and the JSON body.
-async fn ask(sc: &Running, form: &[(&str, &str)]) -> (u16, Value) {
+/// `POST /oauth2/token` for a `client_credentials` grant as `client_id`, with one scope and one
+/// audience, as a plain form; the status and the JSON body.
+async fn ask(sc: &Running, client_id: &str, scope: &str, audience: &str) -> (u16, Value) {
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_id", client_id),
+        ("scope", scope),
+        ("audience", audience),
+    ];
     let url = format!(
         "http://{}/oauth2/token",
         sc.token_endpoint.expect("token endpoint on")
     );
-    let r = http_client().post(url).form(form).send().await.unwrap();
+    let r = http_client().post(url).form(&form).send().await.unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap())
 }
@@ -103,27 +110,9 @@ async fn the_token_endpoint_answers_as_the_named_client_and_refuses_one_it_does_
     // billing asks for its route's key (prefetched: served from the cache), default for a key
     // no route names (orders:write: fetched once); each gets its own client's token.
     let before = idp.token_requests().await;
-    let (status, billing) = ask(
-        &sc,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", "billing"),
-            ("scope", "billing:read"),
-            ("audience", BILLING),
-        ],
-    )
-    .await;
+    let (status, billing) = ask(&sc, "billing", "billing:read", BILLING).await;
     assert_eq!(status, 200, "{billing}");
-    let (status, default) = ask(
-        &sc,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", "default"),
-            ("scope", "orders:write"),
-            ("audience", ORDERS),
-        ],
-    )
-    .await;
+    let (status, default) = ask(&sc, "default", "orders:write", ORDERS).await;
     assert_eq!(status, 200, "{default}");
     let b = idp
         .verify_access_token(billing["access_token"].as_str().unwrap())
@@ -149,32 +138,14 @@ async fn the_token_endpoint_answers_as_the_named_client_and_refuses_one_it_does_
     .await;
     sc.wait_ready().await;
     let before = idp.token_requests().await;
-    let (status, body) = ask(
-        &sc,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", "default"),
-            ("scope", "orders:write"),
-            ("audience", ORDERS),
-        ],
-    )
-    .await;
+    let (status, body) = ask(&sc, "default", "orders:write", ORDERS).await;
     assert_eq!(status, 401, "{body}");
     assert_eq!(body["error"], "invalid_client", "{body}");
     assert!(body.get("access_token").is_none());
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(idp.token_requests().await, before, "nothing fetched");
     // billing is still served.
-    let (status, body) = ask(
-        &sc,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", "billing"),
-            ("scope", "billing:read"),
-            ("audience", BILLING),
-        ],
-    )
-    .await;
+    let (status, body) = ask(&sc, "billing", "billing:read", BILLING).await;
     assert_eq!(status, 200, "{body}");
     sc.stop().await;
 }
