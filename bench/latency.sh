@@ -65,9 +65,11 @@ port_of() {
         *) die "unknown target $1" ;;
     esac
 }
-# One constant-rate run: prints "p50 p99 p99.9 errors" in µs. oha's JSON gives seconds.
+# One constant-rate run: prints "p50 p99 p99.9 errors" in µs. oha's JSON gives seconds. `-w`
+# lets the requests in flight when the time is up finish (oha otherwise aborts them and counts
+# them as errors, "aborted due to deadline").
 run_oha() { # port rate seconds json-out
-    taskset -c "$LOADGEN_CPU" "$OHA" --no-tui $OHA_JSON -z "${3}s" -c "$CONNS" -q "$2" \
+    taskset -c "$LOADGEN_CPU" "$OHA" --no-tui $OHA_JSON -z "${3}s" -w -c "$CONNS" -q "$2" \
         --latency-correction "http://127.0.0.1:$1$REQ_PATH" >"$4"
     python3 - "$4" <<'PY'
 import json, sys

@@ -80,6 +80,21 @@ cpu_ticks() {
     done
     echo "$total"
 }
+# `proc_counts PID…` → "utime stime voluntary involuntary" summed over the PIDs and their
+# children: CPU ticks in user space and in the kernel, and context switches the process asked
+# for (it blocked) or suffered (it was preempted while runnable).
+proc_counts() {
+    local pid u=0 s=0 v=0 n=0 f=()
+    for pid in "$@" $(for p in "$@"; do pgrep -P "$p" || true; done); do
+        read -r -a f <<<"$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null)" || continue
+        [ "${#f[@]}" -gt 12 ] || continue
+        u=$(( u + f[11] )); s=$(( s + f[12] ))
+        read -r a b < <(awk '/^voluntary_ctxt_switches/ {a = $2} /^nonvoluntary_ctxt_switches/ {b = $2}
+            END {print a + 0, b + 0}' "/proc/$pid/status" 2>/dev/null) || continue
+        v=$(( v + a )); n=$(( n + b ))
+    done
+    echo "$u $s $v $n"
+}
 busy_count() { # compilations running right now (the usual source of noise here)
     { pgrep -x rustc || true; pgrep -x cargo || true; } | wc -l
 }

@@ -2,7 +2,8 @@
 """Summarizes bench/run.sh results: median requests/s, p50 and p99 per target over its runs, and
 the ratios of the sidecar to nginx and to direct. Input: a TSV with the columns
 target, run, requests, errors, rps, p50_us, p90_us, p99_us, p999_us, max_us, busy and, when
-present, proxy_cpu_us (the proxy's CPU per request).
+present, proxy_cpu_us (the proxy's CPU per request), proxy_user_us / proxy_sys_us (its split
+into user space and kernel) and proxy_preempt (involuntary context switches per request).
 
 usage: summarize.py results.tsv [markdown-out]
 """
@@ -32,6 +33,7 @@ def main() -> None:
         return 100.0 * (max(v) - min(v)) / m if m else 0.0
 
     has_cpu = "proxy_cpu_us" in rows[0] and "nginx" in by
+    has_split = "proxy_preempt" in rows[0] and "nginx" in by
 
     lines = []
     lines.append("| target | runs | median req/s | (spread) | p50 µs | p99 µs | p99.9 µs | max µs | errors | busy runs |")
@@ -57,6 +59,14 @@ def main() -> None:
                         f"{med(other, 'proxy_cpu_us'):.1f} µs = "
                         f"{med(mine, 'proxy_cpu_us') / med(other, 'proxy_cpu_us'):.2f}×"
                         if other == "nginx" and has_cpu
+                        else ""
+                    )
+                    + (
+                        f" (user {med(mine, 'proxy_user_us'):.1f} vs {med(other, 'proxy_user_us'):.1f} µs, "
+                        f"kernel {med(mine, 'proxy_sys_us'):.1f} vs {med(other, 'proxy_sys_us'):.1f} µs; "
+                        f"preempted {med(mine, 'proxy_preempt'):.2f} vs {med(other, 'proxy_preempt'):.2f} "
+                        f"times per request)"
+                        if other == "nginx" and has_split
                         else ""
                     )
                 )

@@ -70,7 +70,7 @@ fn is_error_invalid_token(param: &[u8]) -> bool {
 
 /// Connection-level headers (RFC 9110 §7.6.1) apply to one hop only, and so do the
 /// proxy-authentication headers: the sidecar is that hop.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; N_HOP_BY_HOP] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -93,14 +93,34 @@ fn list_elements(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = 
         .filter(|t| !t.is_empty())
 }
 
-/// Removes hop-by-hop headers, including every header named in `Connection`. Each element of
-/// every `Connection` line is read from its bytes; an element that is not a valid header name
-/// names no header and is skipped, without affecting the others.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes hop-by-hop headers, including every header named in `Connection`, and the `also`
+/// headers (the per-request target headers on the way up, `token-sidecar-error` on the way
+/// down). Each element of every `Connection` line is read from its bytes; an element that is
+/// not a valid header name names no header and is skipped, without affecting the others.
+///
+/// One pass over the names present finds which of the fixed names to remove, and only those
+/// are removed: most messages carry none or one of them, and a hashed `remove` per fixed name
+/// (9 + `also` per message, twice per request) cost about 2,800 instructions a request
+/// (docs/benchmarks.md, "Counts"). At most `N_HOP_BY_HOP + MAX_ALSO` names are tracked.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
+    debug_assert!(also.len() <= MAX_ALSO);
+    let also = &also[..also.len().min(MAX_ALSO)];
+    let mut found = [false; N_HOP_BY_HOP + MAX_ALSO];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().chain(also).position(|n| n == name) {
+            found[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
     // `Connection: keep-alive` / `close` name nothing beyond the fixed list; only other
     // elements need collecting (the common case allocates nothing).
-    let names_others = list_elements(headers, CONNECTION)
-        .any(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"));
+    let names_others = found[0]
+        && list_elements(headers, CONNECTION)
+            .any(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"));
     if names_others {
         // Bounded by the header block, itself bounded by `proxy.max_header_bytes`.
         let named: Vec<HeaderName> = list_elements(headers, CONNECTION)
@@ -110,10 +130,19 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(n);
         }
     }
-    for n in HOP_BY_HOP {
+    for (n, _) in HOP_BY_HOP
+        .iter()
+        .chain(also)
+        .zip(found)
+        .filter(|(_, found)| *found)
+    {
         headers.remove(n);
     }
 }
+
+/// The most extra names [`strip_hop_by_hop`] takes.
+const MAX_ALSO: usize = 2;
+const N_HOP_BY_HOP: usize = 9;
 
 /// Marks a request whose HTTP/1 head carried both `Content-Length` and `Transfer-Encoding`.
 /// hyper removes `Content-Length` from such a request, so the server layer, which sees the
@@ -197,9 +226,44 @@ mod tests {
         h.insert(UPGRADE, "websocket".parse().unwrap());
         h.insert(PROXY_AUTHORIZATION, "Basic eA==".parse().unwrap());
         h.insert("x-end-to-end", "kept".parse().unwrap());
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, &[]);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-end-to-end"], "kept");
+    }
+
+    #[test]
+    fn extra_names_go_with_the_hop_by_hop_ones_and_nothing_else_is_touched() {
+        let also = [
+            HeaderName::from_static("token-sidecar-audience"),
+            HeaderName::from_static("token-sidecar-scope"),
+        ];
+        // None present: the map is left exactly as it was, order and duplicates included.
+        let mut h = HeaderMap::new();
+        h.append("x-a", "1".parse().unwrap());
+        h.append("x-a", "2".parse().unwrap());
+        h.insert(http::header::HOST, "api".parse().unwrap());
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, &also);
+        assert_eq!(h, before);
+        // Each kind alone, and all together with repeated lines.
+        for name in HOP_BY_HOP.iter().chain(&also) {
+            let mut h = before.clone();
+            h.append(name, "x".parse().unwrap());
+            h.append(name, "y".parse().unwrap());
+            strip_hop_by_hop(&mut h, &also);
+            assert_eq!(h, before, "{name} was not removed");
+        }
+        let mut h = before.clone();
+        for name in HOP_BY_HOP.iter().chain(&also) {
+            h.append(name, "x".parse().unwrap());
+        }
+        strip_hop_by_hop(&mut h, &also);
+        assert_eq!(h, before);
+        // Without `also`, those names are end-to-end.
+        let mut h = before.clone();
+        h.insert(&also[0], "https://a/".parse().unwrap());
+        strip_hop_by_hop(&mut h, &[]);
+        assert_eq!(h.len(), before.len() + 1);
     }
 
     #[test]
@@ -218,7 +282,7 @@ mod tests {
         h.insert("x-secret-hop", "1".parse().unwrap());
         h.insert("x-other", "1".parse().unwrap());
         h.insert("x-end-to-end", "kept".parse().unwrap());
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, &[]);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-end-to-end"], "kept");
     }

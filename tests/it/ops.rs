@@ -423,6 +423,59 @@ async fn the_key_is_rotated_by_a_secret_volume_symlink_swap() {
     sc.stop().await;
 }
 
+/// The log writer buffers stderr, but only while more lines are queued: each access-log line
+/// is on stderr shortly after its request, while the process keeps running and nothing else is
+/// logged (a line left in the buffer until the next one, or until exit, fails this). Text
+/// lines to a file (not a terminal) carry no colour codes, and durations are whole
+/// microseconds.
+#[tokio::test]
+async fn each_access_log_line_reaches_stderr_without_waiting_for_the_next() {
+    use crate::support::process::SidecarProcess;
+    let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
+    let up = Upstream::start().await;
+    let token_url = idp.token_url();
+    let key = fixture("ec_p256_sec1.pem");
+    let upstream = up.url();
+    let mut sc = SidecarProcess::start(move |proxy, admin| {
+        SidecarConfig::new(&token_url, &key)
+            .listen(proxy, admin)
+            .token(|t| t.client_id = "c".into())
+            .route(RouteBuilder::path("orders", "/orders/", &upstream))
+            .log(|l| l.format = LogFormat::Text)
+            .to_toml()
+    })
+    .await;
+    let client = http_client();
+    for i in 1..=3 {
+        let path = format!("/orders/line-{i}");
+        client.get(sc.url(&path)).send().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !sc.log().contains(&format!("/line-{i}")) {
+            assert!(
+                Instant::now() < deadline,
+                "request {i}'s access-log line is not on stderr after 5 s:\n{}",
+                sc.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    sc.signal("TERM");
+    assert!(sc.wait_exit(Duration::from_secs(10)).await.is_some());
+    let log = sc.log();
+    assert!(!log.contains('\x1b'), "colour codes in a log file:\n{log}");
+    let access: Vec<&str> = log.lines().filter(|l| l.contains("/line-")).collect();
+    assert_eq!(access.len(), 3, "{log}");
+    for line in access {
+        let ms = line
+            .split("duration_ms=")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or_else(|| panic!("no duration_ms: {line}"));
+        let decimals = ms.split('.').nth(1).map_or(0, str::len);
+        assert!(decimals <= 3, "not whole microseconds: {line}");
+    }
+}
+
 /// `[log] format = "json"`: one JSON object per line, and one access-log event per request with
 /// method, route, host, path without query, status, duration and where the token came from.
 #[tokio::test]
