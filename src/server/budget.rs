@@ -23,7 +23,7 @@
 //!   host, or the token endpoint serving it), `token.cache_capacity` cached run-time tokens,
 //!   each at its worst ([`RUNTIME_ENTRY`]: the token twice, its scope, its key twice, the
 //!   slot);
-//! - the log queue;
+//! - the log queue and the log writer's buffer;
 //! - the process itself (code, runtime, TLS roots, caches), measured.
 //!
 //! Kernel socket buffers are not in it: they are charged to the container's memory cgroup too,
@@ -36,7 +36,7 @@ use crate::server::accept::{
     H2_MAX_SEND_BUF,
 };
 use crate::server::token_endpoint;
-use crate::telemetry::BUFFERED_LINES;
+use crate::telemetry::{BUFFERED_LINES, WRITE_BUFFER};
 use crate::token::registry::DEFAULT_CLIENT;
 use crate::token::response;
 
@@ -160,7 +160,10 @@ pub(crate) fn worst_case(c: &Config) -> Vec<(&'static str, u64)> {
             "token responses",
             keys * 2 * c.token.max_response_bytes as u64,
         ),
-        ("log queue", BUFFERED_LINES as u64 * LOG_LINE),
+        (
+            "log queue and write buffer",
+            BUFFERED_LINES as u64 * LOG_LINE + WRITE_BUFFER as u64,
+        ),
         (
             "run-time tokens cached",
             runtime_clients(c)
