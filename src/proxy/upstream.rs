@@ -439,7 +439,7 @@ async fn alive(idle: &mut Idle) -> bool {
 
 /// Lets the tasks that are ready now run before this request goes upstream: returns `Pending`
 /// once, having woken itself, so the runtime polls it again after the tasks already queued
-/// (Tokio queues a task that wakes itself at the back, on either scheduler). No timer, no
+/// (Tokio puts a task that wakes itself at the back of its worker's queue). No timer, no
 /// system call; one more poll of the request's future.
 ///
 /// Why: the downstream connection drives its upstream connection in the same task, so without
@@ -447,9 +447,9 @@ async fn alive(idle: &mut Idle) -> bool {
 /// CPU (the benchmark's; any pod with one CPU) woke on that write and preempted the sidecar,
 /// and served one request per wake-up. Reading every ready request first and then writing
 /// them, as the legacy client's hop to its connection tasks happened to do, restores nginx's
-/// batching: on one CPU, involuntary context switches per request fell from 0.85 to 0.49
-/// (nginx: 0.48) and throughput rose 8 % at 64 connections and 14 % at 32
-/// (docs/benchmarks.md, "Batching the upstream writes").
+/// batching: on one CPU, involuntary context switches per request fell from 0.85 to 0.49,
+/// nginx's level, and throughput rose about 9 % at 64 connections and 14–17 % at 32
+/// (docs/benchmarks.md, "Issue 11, second pass").
 async fn after_ready_tasks() {
     let mut yielded = false;
     poll_fn(|cx| {
@@ -610,6 +610,12 @@ impl Body for UpstreamResponseBody {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
     /// On one CPU (the single-threaded scheduler) a request goes upstream only after the other
     /// connections' requests that were ready with it have been read.
     #[tokio::test(flavor = "current_thread")]
@@ -641,12 +647,6 @@ mod tests {
             ]
         );
     }
-
-    use super::*;
-    use http_body_util::BodyExt;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
 
     fn upstream(addr: std::net::SocketAddr) -> Upstream {
         let cfg: RouteConfig = toml::from_str(&format!(
