@@ -423,6 +423,36 @@ async fn the_key_is_rotated_by_a_secret_volume_symlink_swap() {
     sc.stop().await;
 }
 
+/// The binary with one route `/orders/` (prefix kept) in front of an upstream, the token from
+/// an endpoint that issues 300 s tokens, logging in `format`; the endpoint and the upstream live
+/// as long as the returned handles.
+async fn logging_sidecar(
+    format: LogFormat,
+) -> (
+    crate::support::process::SidecarProcess,
+    FakeTokenEndpoint,
+    Upstream,
+) {
+    let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
+    let up = Upstream::start().await;
+    let token_url = idp.token_url();
+    let key = fixture("ec_p256_sec1.pem");
+    let upstream = up.url();
+    let sc = crate::support::process::SidecarProcess::start(move |proxy, admin| {
+        SidecarConfig::new(&token_url, &key)
+            .listen(proxy, admin)
+            .token(|t| t.client_id = "c".into())
+            .route(
+                RouteBuilder::path("orders", "/orders/", &upstream)
+                    .with(|r| r.strip_prefix = false),
+            )
+            .log(|l| l.format = format)
+            .to_toml()
+    })
+    .await;
+    (sc, idp, up)
+}
+
 /// The log writer buffers stderr, but only while more lines are queued: each access-log line
 /// is on stderr shortly after its request, while the process keeps running and nothing else is
 /// logged (a line left in the buffer until the next one, or until exit, fails this). Text
@@ -430,21 +460,7 @@ async fn the_key_is_rotated_by_a_secret_volume_symlink_swap() {
 /// microseconds.
 #[tokio::test]
 async fn each_access_log_line_reaches_stderr_without_waiting_for_the_next() {
-    use crate::support::process::SidecarProcess;
-    let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
-    let up = Upstream::start().await;
-    let token_url = idp.token_url();
-    let key = fixture("ec_p256_sec1.pem");
-    let upstream = up.url();
-    let mut sc = SidecarProcess::start(move |proxy, admin| {
-        SidecarConfig::new(&token_url, &key)
-            .listen(proxy, admin)
-            .token(|t| t.client_id = "c".into())
-            .route(RouteBuilder::path("orders", "/orders/", &upstream))
-            .log(|l| l.format = LogFormat::Text)
-            .to_toml()
-    })
-    .await;
+    let (mut sc, _idp, _up) = logging_sidecar(LogFormat::Text).await;
     let client = http_client();
     for i in 1..=3 {
         let path = format!("/orders/line-{i}");
@@ -480,24 +496,7 @@ async fn each_access_log_line_reaches_stderr_without_waiting_for_the_next() {
 /// method, route, host, path without query, status, duration and where the token came from.
 #[tokio::test]
 async fn json_logs_carry_one_access_event_per_request() {
-    use crate::support::process::SidecarProcess;
-    let idp = FakeTokenEndpoint::start(Mode::Issue(Duration::from_secs(300))).await;
-    let up = Upstream::start().await;
-    let token_url = idp.token_url();
-    let key = fixture("ec_p256_sec1.pem");
-    let upstream = up.url();
-    let mut sc = SidecarProcess::start(move |proxy, admin| {
-        SidecarConfig::new(&token_url, &key)
-            .listen(proxy, admin)
-            .token(|t| t.client_id = "c".into())
-            .route(
-                RouteBuilder::path("orders", "/orders/", &upstream)
-                    .with(|r| r.strip_prefix = false),
-            )
-            .log(|l| l.format = LogFormat::Json)
-            .to_toml()
-    })
-    .await;
+    let (mut sc, _idp, _up) = logging_sidecar(LogFormat::Json).await;
     let client = http_client();
     for path in ["/orders/1?secret=q", "/orders/2", "/nowhere"] {
         client.get(sc.url(path)).send().await.unwrap();
