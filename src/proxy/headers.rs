@@ -122,7 +122,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
     }
     // `Connection: keep-alive` / `close` name nothing beyond the fixed list; only other
     // elements need collecting (the common case allocates nothing).
-    let names_others = found[0]
+    let names_others = found[0] // HOP_BY_HOP[0] is `Connection`.
         && list_elements(headers, CONNECTION)
             .any(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"));
     if names_others {
@@ -144,7 +144,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
     }
 }
 
-/// The most extra names [`strip_hop_by_hop`] takes.
+/// The most extra names [`strip_hop_by_hop`] tracks in its one pass.
 const MAX_ALSO: usize = 2;
 const N_HOP_BY_HOP: usize = 9;
 
