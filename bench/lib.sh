@@ -69,23 +69,13 @@ require_free_ports() {
     return 0
 }
 
-# CPU ticks (user + system) of processes and their direct children (nginx workers).
-cpu_ticks() {
-    local total=0 pid f=()
+# `proc_counts PID…` → "utime stime voluntary involuntary" summed over the PIDs and their
+# direct children (nginx workers): CPU ticks in user space and in the kernel, and context
+# switches the process asked for (it blocked) or suffered (it was preempted while runnable).
+proc_counts() {
+    local pid u=0 s=0 v=0 n=0 a b f=()
     for pid in "$@" $(for p in "$@"; do pgrep -P "$p" || true; done); do
         # Fields after the ")" that closes comm: state is [0], utime [11], stime [12].
-        read -r -a f <<<"$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null)" || continue
-        [ "${#f[@]}" -gt 12 ] || continue
-        total=$(( total + f[11] + f[12] ))
-    done
-    echo "$total"
-}
-# `proc_counts PID…` → "utime stime voluntary involuntary" summed over the PIDs and their
-# children: CPU ticks in user space and in the kernel, and context switches the process asked
-# for (it blocked) or suffered (it was preempted while runnable).
-proc_counts() {
-    local pid u=0 s=0 v=0 n=0 f=()
-    for pid in "$@" $(for p in "$@"; do pgrep -P "$p" || true; done); do
         read -r -a f <<<"$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null)" || continue
         [ "${#f[@]}" -gt 12 ] || continue
         u=$(( u + f[11] )); s=$(( s + f[12] ))
@@ -94,6 +84,12 @@ proc_counts() {
         v=$(( v + a )); n=$(( n + b ))
     done
     echo "$u $s $v $n"
+}
+# CPU ticks (user + system) of processes and their direct children.
+cpu_ticks() {
+    local u s _
+    read -r u s _ <<<"$(proc_counts "$@")"
+    echo $(( u + s ))
 }
 busy_count() { # compilations running right now (the usual source of noise here)
     { pgrep -x rustc || true; pgrep -x cargo || true; } | wc -l

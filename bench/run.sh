@@ -111,7 +111,7 @@ RESULTS="$OUT/results.tsv"
 printf 'target\trun\trequests\terrors\trps\tp50_us\tp90_us\tp99_us\tp999_us\tmax_us\tbusy\tserver_cpu\tloadgen_cpu\tproxy_cpu_us\tproxy_user_us\tproxy_sys_us\tproxy_preempt\n' >"$RESULTS"
 run_wrk() { # target run-label seconds
     local target=$1 label=$2 secs=$3 url servers before after t0 t1 busy0 busy1 file line lg
-    local proxy proxy0 proxy1 p0 p1
+    local proxy p0 p1
     url=$(url_of "$target")
     servers=$(servers_of "$target")
     file="$OUT/wrk-$target-$label.txt"
@@ -119,8 +119,8 @@ run_wrk() { # target run-label seconds
     # The proxy alone (nginx's master with its worker, or the sidecar): its CPU per request.
     proxy=${servers%% *}
     [ "$target" = direct ] && proxy=
-    proxy0=0 p0="0 0 0 0"
-    [ -n "$proxy" ] && proxy0=$(cpu_ticks "$proxy") && p0=$(proc_counts "$proxy")
+    p0="0 0 0 0"
+    [ -n "$proxy" ] && p0=$(proc_counts "$proxy")
     # shellcheck disable=SC2086
     before=$(cpu_ticks $servers)
     t0=$(date +%s%N)
@@ -134,8 +134,8 @@ run_wrk() { # target run-label seconds
     t1=$(date +%s%N)
     # shellcheck disable=SC2086
     after=$(cpu_ticks $servers)
-    proxy1=0 p1="0 0 0 0"
-    [ -n "$proxy" ] && proxy1=$(cpu_ticks "$proxy") && p1=$(proc_counts "$proxy")
+    p1="0 0 0 0"
+    [ -n "$proxy" ] && p1=$(proc_counts "$proxy")
     busy1=$(busy_count)
     line=$(grep '^RESULT' "$file" || true)
     [ -n "$line" ] || { cat "$file" >&2; die "wrk failed for $target"; }
@@ -151,17 +151,17 @@ run_wrk() { # target run-label seconds
     lg=$(awk '/^LOADGEN_TICKS/ {print $2}' "$file")
     local r_requests r_errors r_status_errors r_rps r_p50_us r_p90_us r_p99_us r_p999_us r_max_us r_mean_us
     eval "$(echo "${line#RESULT }" | tr ' ' '\n' | sed 's/^/r_/')"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
         "$target" "$label" "$r_requests" "$r_errors" "$r_rps" "$r_p50_us" "$r_p90_us" \
         "$r_p99_us" "$r_p999_us" "$r_max_us" "$(( busy0 + busy1 ))" \
         "$(awk -v a="$(( after - before ))" -v w="$wall_ticks" 'BEGIN{printf "%.2f", a / w}')" \
         "$(awk -v a="$lg" -v w="$wall_ticks" 'BEGIN{printf "%.2f", a / w}')" \
-        "$(awk -v a="$(( proxy1 - proxy0 ))" -v n="$r_requests" -v hz="$CLK_TCK" \
-            'BEGIN{printf "%.2f", (n > 0 ? a / hz / n * 1e6 : 0)}')" \
         "$(awk -v a="$p0" -v b="$p1" -v n="$r_requests" -v hz="$CLK_TCK" 'BEGIN {
-            split(a, x, " "); split(b, y, " "); if (n == 0) n = 1
-            printf "%.2f\t%.2f\t%.3f", (y[1] - x[1]) / hz / n * 1e6, (y[2] - x[2]) / hz / n * 1e6,
-                (y[4] - x[4]) / n }')" >>"$RESULTS"
+            # proxy_cpu_us, proxy_user_us, proxy_sys_us, proxy_preempt (0 without requests)
+            split(a, x, " "); split(b, y, " "); u = y[1] - x[1]; s = y[2] - x[2]
+            if (n == 0) { printf "0.00\t0.00\t0.00\t0.000"; exit }
+            printf "%.2f\t%.2f\t%.2f\t%.3f", (u + s) / hz / n * 1e6, u / hz / n * 1e6,
+                s / hz / n * 1e6, (y[4] - x[4]) / n }')" >>"$RESULTS"
     log "$target run $label: $(printf '%.0f' "$r_rps") req/s, p50 ${r_p50_us} µs, p99 ${r_p99_us} µs, errors $r_errors, server CPU $(tail -1 "$RESULTS" | cut -f12)"
 }
 
